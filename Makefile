@@ -1,0 +1,31 @@
+# The README's two quick-start commands: `make study` and `make test`.
+# Both bootstrap .venv first (idempotent), so either works on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The torch build on this machine's disk; installed first so no resolver pulls another one.
+TORCH := torch==2.14.1 torchvision==0.29.1
+TRIALS ?= 40
+
+.PHONY: venv study test bench clean
+
+$(BIN)/mnist-tune: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/mnist-tune
+
+study: venv
+	$(BIN)/mnist-tune study --model mlp --trials $(TRIALS)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/epoch_time.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,81 @@
+"""Epoch time: the seed's pipeline vs mnist_tune.train, same model, same batch size, one process.
+
+    python benchmarks/epoch_time.py                         # MLP, batch 100, CPU, 3 epochs each
+    python benchmarks/epoch_time.py --models mlp,mixer --batch-sizes 32,100,256 --device cuda
+
+Seed epoch = one pass of torchvision MNIST + ToTensor + DataLoader + Adam (what the seed ran).
+Ours = one ``fit`` epoch (data resident on the device, index batches, fused AdamW) *including*
+its validation pass, so the comparison is conservative. Prints medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from seed_pipeline import seed_loaders, seed_train_epoch  # noqa: E402
+
+from mnist_tune.data import load_mnist, prefetch  # noqa: E402
+from mnist_tune.models import build_model  # noqa: E402
+from mnist_tune.train import TrainConfig, fit, resolve_device, seed_everything  # noqa: E402
+
+MODEL_HP = {"mlp": {"dropout": 0.2}, "mixer": {"patch_size": 7, "dim": 64, "depth": 4, "dropout": 0.1}}
+
+
+def seed_epochs(model_name: str, data_root: Path, batch_size: int, epochs: int, device) -> list[float]:
+    seed_everything(0)
+    model = build_model(model_name, **MODEL_HP[model_name]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_loader, _ = seed_loaders(str(data_root), batch_size)
+
+    class OnDevice:  # the seed moved each batch to the device inside its loop
+        def __iter__(self):
+            for x, y in train_loader:
+                yield x.to(device), y.to(device)
+
+    times = []
+    for _ in range(epochs):
+        times.append(seed_train_epoch(model, OnDevice(), optimizer))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return times
+
+
+def our_epochs(model_name: str, splits, batch_size: int, epochs: int, device) -> list[float]:
+    seed_everything(0)
+    model = build_model(model_name, **MODEL_HP[model_name])
+    result = fit(model, splits, TrainConfig(batch_size=batch_size, epochs=epochs + 1, schedule="onecycle"), device)
+    return [m.epoch_seconds for m in result.history[1:]]  # first epoch warms up allocators/kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp")
+    parser.add_argument("--batch-sizes", default="100")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per pipeline")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    root = prefetch(args.data_dir, log=lambda m: print(m, file=sys.stderr)).parent.parent  # .../MNIST/raw -> root
+    splits = load_mnist(args.data_dir)
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, device {device}, {args.epochs} timed epochs each")
+    print(f"{'model':6} {'batch':>5} {'seed s/epoch':>12} {'ours s/epoch':>12} {'speed-up':>9}")
+    for model_name in args.models.split(","):
+        for batch_size in map(int, args.batch_sizes.split(",")):
+            seed = statistics.median(seed_epochs(model_name, root, batch_size, args.epochs, device))
+            ours = statistics.median(our_epochs(model_name, splits, batch_size, args.epochs, device))
+            print(f"{model_name:6} {batch_size:>5} {seed:>12.3f} {ours:>12.3f} {seed / ours:>8.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

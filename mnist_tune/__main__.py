@@ -1,0 +1,3 @@
+from mnist_tune.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""One tracked training run: build, fit, log every epoch, test, log the model.
+
+Shared by ``mnist-tune train`` (a lone run) and the study's objective (a trial's child run),
+so both record the same params and metric names. Ending the run is the caller's job: only it
+knows whether the run was pruned, failed or finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+
+from mnist_tune.data import MNISTSplits
+from mnist_tune.models import build_model
+from mnist_tune.progress import bar
+from mnist_tune.tracking import Tracker
+from mnist_tune.train import EpochMetrics, FitResult, TrainConfig, as_input, evaluate, fit, seed_everything
+
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+class Diverged(Exception):
+    """The loss became NaN/inf; the run is recorded as FAILED."""
+
+
+@dataclass
+class RunOutcome:
+    fit: FitResult
+    test_acc: float | None = None
+    model_uri: str | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+
+
+def split_hyperparameters(params: dict) -> tuple[dict, TrainConfig]:
+    """Flat hyperparameters -> (model keyword arguments, TrainConfig)."""
+    model_hp = {k: v for k, v in params.items() if k not in TRAIN_KEYS}
+    train_hp = TrainConfig(**{k: v for k, v in params.items() if k in TRAIN_KEYS})
+    return model_hp, train_hp
+
+
+def model_params(model_name: str, model_hp: dict) -> dict:
+    """Model hyperparameters as MLflow params; tuples (hidden sizes) as readable text."""
+    params = {"model": model_name}
+    for key, value in model_hp.items():
+        params[key] = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    return params
+
+
+def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict, hp: TrainConfig,
+                  data: MNISTSplits, device: torch.device,
+                  on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+                  log_model: bool = True, progress_position: int = 0) -> RunOutcome:
+    """Train and record into ``run_id``. Raises Diverged on a NaN/inf loss, and whatever
+    ``on_epoch`` raises (the study raises optuna.TrialPruned)."""
+    seed_everything(hp.seed)
+    model = build_model(model_name, **model_hp)
+    tracker.log_params(run_id, {**model_params(model_name, model_hp), **asdict(hp),
+                                "device": device.type,
+                                "parameters": sum(p.numel() for p in model.parameters())})
+    epochs = bar(hp.epochs, f"{model_name} epochs", "epoch", position=progress_position, leave=False)
+
+    def after_epoch(epoch: int, metrics: EpochMetrics) -> None:
+        tracker.log_metrics(run_id, metrics.as_dict(), step=epoch)
+        epochs.update(1)
+        epochs.set_postfix(val_acc=f"{metrics.val_acc:.4f}", loss=f"{metrics.train_loss:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    try:
+        result = fit(model, data, hp, device, on_epoch=after_epoch)
+    finally:
+        epochs.close()
+    if result.status == "diverged":
+        raise Diverged(result.message)
+    outcome = RunOutcome(fit=result, history=result.history)
+    # The test split is for the final report only; nothing is chosen by it.
+    _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
+    tracker.log_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
+    if log_model:
+        example = as_input(data.test_x[:4]).numpy()  # batch > 1 so pt2 keeps the batch dim dynamic
+        outcome.model_uri = tracker.log_model(run_id, model, example)
+    return outcome
+
+
+def check_model_hp(model_name: str, model_hp: dict) -> None:
+    """Build once on the meta device: rejects bad shapes (patch size) before any training."""
+    with torch.device("meta"):
+        build_model(model_name, **model_hp)

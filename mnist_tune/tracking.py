@@ -1,0 +1,222 @@
+"""Everything that talks to MLflow: runs, params, per-epoch metrics, models, the registry.
+
+Layout: one experiment per study; a parent run for the study; one child run per trial,
+nested through the ``mlflow.parentRunId`` tag. Calls go through ``MlflowClient`` with explicit
+run ids (the fluent API keeps global state and is not thread-safe); the one exception is
+``mlflow.pytorch.log_model``, which only logs into the active run.
+
+Time spent in MLflow calls is summed in ``Tracker.seconds`` so the overhead can be reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from mnist_tune.errors import MnistTuneError
+
+# MLflow prints artifact-download progress bars and schema-migration INFO lines by default.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Fail fast on an unreachable server instead of retrying with backoff for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+import mlflow  # noqa: E402  (after the environment settings above)
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+for _name in ("mlflow", "alembic"):  # after import: mlflow configures its logger when imported
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
+CHAMPION = "champion"
+# Logged explicitly: inferring requirements costs 10-25 s per log_model call here.
+MODEL_REQUIREMENTS = ["torch", "numpy"]
+
+
+def default_home() -> Path:
+    """The embedded store's folder: ``$MNIST_TUNE_HOME`` or ``./mlruns``."""
+    return Path(os.environ.get("MNIST_TUNE_HOME", "mlruns")).absolute()
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{default_home() / 'mlflow.db'}"
+
+
+def redact(url: str) -> str:
+    """A URL with any password replaced by ***, safe to print or log."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _timed(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    return wrapper
+
+
+class Tracker:
+    """A thin, timed wrapper over MlflowClient for the layout described above."""
+
+    def __init__(self, tracking_uri: str | None = None, model_format: str = "pt2"):
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.model_format = model_format
+        self.seconds = 0.0
+        self._check_reachable()
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """Created on first use, so a failed validation leaves no store behind."""
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)  # log_model and load_model read the global setting
+        return MlflowClient(self.uri)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.uri.startswith("sqlite:")
+
+    def _check_reachable(self) -> None:
+        scheme = urllib.parse.urlsplit(self.uri).scheme
+        if scheme in ("http", "https"):
+            try:
+                with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as reply:
+                    reply.read()
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                reason = getattr(e, "reason", e)
+                raise MnistTuneError(f"MLflow tracking server {redact(self.uri)} is unreachable: {reason}") from None
+        elif scheme not in ("sqlite", "postgresql", "mysql", "databricks", "file", "") and "+" not in scheme:
+            raise MnistTuneError(f"unsupported tracking URI {redact(self.uri)}")
+
+    # ------------------------------------------------------------------- experiments
+
+    @_timed
+    def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
+        """Id of the experiment called ``name``, created on first use."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        location = None
+        if self.is_embedded:  # artifacts beside the database, not in the working directory
+            location = (Path(self.uri[len("sqlite:///"):]).parent / "artifacts" / name).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location, tags=tags)
+        except MlflowException:  # another worker created it first
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    @_timed
+    def find_experiment(self, name: str) -> str | None:
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else None
+
+    # -------------------------------------------------------------------------- runs
+
+    @_timed
+    def start_run(self, experiment_id: str, name: str, parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests by
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    @_timed
+    def log_params(self, run_id: str, params: dict) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    @_timed
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """All metrics of one step in one call: per epoch, never per batch."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    @_timed
+    def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    @_timed
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    @_timed
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """status: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status)
+
+    @_timed
+    def get_run(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise MnistTuneError(f"no MLflow run with id {run_id!r} in {redact(self.uri)}") from None
+
+    # ------------------------------------------------------------------------ models
+
+    @_timed
+    def log_model(self, run_id: str, model, example) -> str:
+        """Log a torch model under ``runs:/<run_id>/model``; returns its ``models:/`` URI.
+
+        pt2 (torch.export) makes the artifact self-contained: loading it needs torch and
+        mlflow only, not this package or einops. ``example`` is a float array (N>1, 1, 28, 28).
+        """
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        with torch.inference_mode():
+            output = model(torch.as_tensor(example)).numpy()
+        signature = infer_signature(example, output)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name=MODEL_NAME, signature=signature, input_example=example,
+                serialization_format=self.model_format, pip_requirements=MODEL_REQUIREMENTS)
+        # Leaving the block marked the run FINISHED; the caller sets the final status after.
+        return info.model_uri
+
+    @_timed
+    def promote_champion(self, registered_name: str, model_uri: str, run_id: str) -> str:
+        """Register ``model_uri`` as a new version of ``registered_name`` and point the
+        ``champion`` alias at it; returns the version."""
+        try:
+            self.client.create_registered_model(registered_name)
+        except MlflowException:
+            pass  # already registered
+        version = self.client.create_model_version(registered_name, source=model_uri, run_id=run_id)
+        self.client.set_registered_model_alias(registered_name, CHAMPION, version.version)
+        return version.version
+
+
+def load_model(uri: str, tracking_uri: str | None = None):
+    """Load a logged model (``runs:/…``, ``models:/…``) as a torch module on the CPU."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MnistTuneError(f"cannot load model {uri} from {redact(tracking_uri)}: {first}") from None

@@ -1,0 +1,175 @@
+"""One training run: ``fit(model, data, hp, device, on_epoch)``. No Optuna, no MLflow.
+
+The data set lives on the device as uint8 and is iterated by a shuffled index (no DataLoader,
+no per-sample transforms): each step is one gather, one uint8->float conversion and the model.
+The loss is summed on the device and read back once per epoch, so a GPU never syncs per step.
+
+    hp = TrainConfig(batch_size=100, lr=1e-3, dropout=0.2, epochs=10)
+    result = fit(build_model("mlp", dropout=0.2), load_mnist(), hp, resolve_device("cpu"))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_tune.data import MNISTSplits
+from mnist_tune.errors import MnistTuneError
+
+SCHEDULES = ("constant", "cosine", "onecycle")
+EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hundreds of steps
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one run (model shape settings go to build_model)."""
+
+    batch_size: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # the seed used a fixed lr and concluded a variable one would help
+    epochs: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise MnistTuneError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.batch_size < 1 or self.epochs < 1 or not self.lr > 0 or self.weight_decay < 0:
+            raise MnistTuneError(f"invalid training settings {asdict(self)}")
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    epoch_seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+
+
+@dataclass
+class FitResult:
+    status: str  # "completed" or "diverged" (NaN/inf loss)
+    history: list[EpochMetrics] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def final(self) -> EpochMetrics | None:
+        return self.history[-1] if self.history else None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto|cpu|cuda|cuda:N|mps`` -> a torch.device that exists here, else a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MnistTuneError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise MnistTuneError(f"device {name!r} is not available here ({count} CUDA device(s) found)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise MnistTuneError("device 'mps' is not available here (no Apple Metal GPU)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise MnistTuneError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global RNG (weight init, dropout); shuffling has its own generator."""
+    torch.manual_seed(seed)
+
+
+def as_input(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the models' input contract."""
+    return images_u8.unsqueeze(1).float().div_(255)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a split, in large batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    for start in range(0, len(images), EVAL_BATCH):
+        logits = model(as_input(images[start:start + EVAL_BATCH]))
+        target = labels[start:start + EVAL_BATCH]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum")
+        correct += (logits.argmax(1) == target).sum()
+    model.train(was_training)
+    n = len(images)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _make_optimizer(model: nn.Module, hp: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # AdamW: the seed's Adam with decoupled weight decay. The fused kernel does the whole
+    # update in one pass (CPU and CUDA); measured faster than foreach on both.
+    return torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
+def _make_schedule(optimizer, hp: TrainConfig, steps_per_epoch: int):
+    total = hp.epochs * steps_per_epoch
+    if hp.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if hp.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
+    return None
+
+
+def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.device,
+        on_epoch: Callable[[int, EpochMetrics], None] | None = None) -> FitResult:
+    """Train ``model`` in place on ``data.train_*``, validating on ``data.val_*`` each epoch.
+
+    ``on_epoch(epoch, metrics)`` runs after every epoch (epochs count from 1); it may raise to
+    stop the run (the study raises optuna.TrialPruned there). A NaN/inf loss ends the run with
+    status "diverged" instead of training on garbage.
+    """
+    model.to(device).train()
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+    n = len(train_x)
+    steps = math.ceil(n / hp.batch_size)
+    optimizer = _make_optimizer(model, hp, device)
+    schedule = _make_schedule(optimizer, hp, steps)
+    shuffle = torch.Generator(device=device).manual_seed(hp.seed)
+    result = FitResult(status="completed")
+
+    for epoch in range(1, hp.epochs + 1):
+        started = time.perf_counter()
+        order = torch.randperm(n, device=device, generator=shuffle)
+        loss_sum = torch.zeros((), device=device)
+        for batch in order.split(hp.batch_size):
+            # index_select: a plain gather, measurably cheaper than advanced indexing per step
+            loss = F.cross_entropy(model(as_input(train_x.index_select(0, batch))),
+                                   train_y.index_select(0, batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            loss_sum += loss.detach() * len(batch)
+        train_loss = loss_sum.item() / n  # the one host sync of the epoch
+        if not math.isfinite(train_loss):
+            result.status, result.message = "diverged", f"training loss became {train_loss} in epoch {epoch}"
+            break
+        val_loss, val_acc = evaluate(model, val_x, val_y)
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, time.perf_counter() - started)
+        result.history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return result

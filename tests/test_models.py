@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from mnist_tune.errors import MnistTuneError
+from mnist_tune.models import MLP, MLPMixer, build_model
+
+
+@pytest.mark.parametrize("hp", [{}, {"hidden_sizes": (256,)}, {"hidden_sizes": (64, 64, 32), "dropout": 0.5}])
+def test_mlp_shapes(hp):
+    model = build_model("mlp", **hp)
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_mlp_is_the_seed_architecture():
+    linears = [m for m in build_model("mlp") if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 100), (100, 80), (80, 10)]
+    drops = [m.p for m in build_model("mlp", dropout=0.3) if isinstance(m, torch.nn.Dropout)]
+    assert drops == [0.3, 0.3]
+
+
+@pytest.mark.parametrize("hp", [
+    {"patch_size": 7, "dim": 32, "depth": 1},
+    {"patch_size": 4, "dim": 16, "depth": 2, "token_expansion": 0.5, "channel_expansion": 2},
+    {"patch_size": 14, "dim": 8, "depth": 3, "dropout": 0.1},
+])
+def test_mixer_shapes(hp):
+    model = build_model("mixer", **hp)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_mixer_expansions_scale_the_right_mlp():
+    model = MLPMixer(patch_size=7, dim=32, depth=1, token_expansion=2, channel_expansion=4)
+    block = model[3]
+    token_ff, channel_ff = block[0].fn[1], block[1].fn
+    assert token_ff[0].in_features == 16 and token_ff[0].out_features == 32   # 16 patches x 2
+    assert channel_ff[0].in_features == 32 and channel_ff[0].out_features == 128  # dim 32 x 4
+
+
+@pytest.mark.parametrize("patch", [5, 0, 3])
+def test_bad_patch_size_is_a_clear_error(patch):
+    with pytest.raises(MnistTuneError, match="must divide the image size 28"):
+        build_model("mixer", patch_size=patch)
+
+
+def test_unknown_model_and_parameter():
+    with pytest.raises(MnistTuneError, match="unknown model 'cnn'"):
+        build_model("cnn")
+    with pytest.raises(MnistTuneError, match="patch_size"):
+        build_model("mlp", patch_size=7)
+
+
+def test_models_normalise_their_own_input():
+    model = MLP().eval()
+    x = torch.full((2, 1, 28, 28), 0.1307)  # the mean pixel maps to zero input
+    first = model[2]
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.Sequential(*list(model)[:3])(x), first.bias.expand(2, -1), atol=1e-5)
