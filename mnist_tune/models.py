@@ -29,10 +29,15 @@ class Normalize(nn.Module):
 class MLP(nn.Sequential):
     """The seed's MLP: 784 -> 100 -> 80 -> 10, ReLU, dropout after each hidden layer.
 
+    ``width``/``depth`` replace ``hidden_sizes`` by ``depth`` layers of ``width`` units.
+
     (The seed's forward fed the unflattened input to the first Linear; Flatten fixes that.)
     """
 
-    def __init__(self, *, hidden_sizes: tuple[int, ...] = (100, 80), dropout: float = 0.2):
+    def __init__(self, *, hidden_sizes: tuple[int, ...] = (100, 80), dropout: float = 0.2,
+                 width: int | None = None, depth: int | None = None):
+        if width is not None or depth is not None:  # the wide sweep searches a uniform stack
+            hidden_sizes = (width or hidden_sizes[0],) * (depth or len(hidden_sizes))
         layers: list[nn.Module] = [Normalize(), nn.Flatten()]
         width = IMAGE_SIZE * IMAGE_SIZE
         for hidden in hidden_sizes:

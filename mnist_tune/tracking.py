@@ -173,7 +173,63 @@ class Tracker:
         try:
             return self.client.get_run(run_id)
         except MlflowException:
-            raise MnistTuneError(f"no MLflow run with id {run_id!r} in {redact(self.uri)}") from None
+            pass
+        recent = self.client.search_runs(self.experiment_ids(), max_results=5, order_by=["attributes.start_time DESC"])
+        known = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in recent) or "(none)"
+        raise MnistTuneError(f"no MLflow run with id {run_id!r} in {redact(self.uri)}; latest runs: {known}")
+
+    def experiment_ids(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def experiment_names(self) -> list[str]:
+        return sorted(e.name for e in self.client.search_experiments())
+
+    @_timed
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    @_timed
+    def set_status(self, run_id: str, status: str) -> None:
+        self.client.update_run(run_id, status=status)
+
+    @_timed
+    def delete_run(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, status="KILLED")
+        self.client.delete_run(run_id)
+
+    @_timed
+    def find_parent_runs(self, experiment_id: str, study: str) -> list[str]:
+        """The study's parent runs, oldest first (ties broken by id, so every worker agrees)."""
+        runs = self.client.search_runs(
+            [experiment_id], f"tags.`mnist_tune.role` = 'study' AND tags.`mnist_tune.study` = '{study}'",
+            max_results=50)
+        return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+
+    @_timed
+    def running_trial_runs(self, experiment_id: str) -> list:
+        return self.client.search_runs([experiment_id], "tags.`mnist_tune.role` = 'trial' AND "
+                                                        "attributes.status = 'RUNNING'", max_results=1000)
+
+    @_timed
+    def close_stale_run(self, run_id: str, reason: str) -> None:
+        """A run whose process died: FAILED, with the reason as a tag (no-op if already closed)."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return
+        if run.info.status == "RUNNING":
+            self.client.log_batch(run_id, tags=[RunTag("mnist_tune.state", "FAIL"),
+                                                RunTag("mnist_tune.error", reason)])
+            self.client.set_terminated(run_id, status="FAILED")
+
+    @_timed
+    def search_trial_runs(self, experiment_id: str):
+        """All trial runs of an experiment as a pandas DataFrame (params.*, metrics.*, tags.*)."""
+        return mlflow.search_runs([experiment_id], filter_string="tags.`mnist_tune.role` = 'trial'",
+                                  output_format="pandas")
 
     # ------------------------------------------------------------------------ models
 
@@ -211,6 +267,21 @@ class Tracker:
         return version.version
 
 
+    @_timed
+    def make_champion(self, registered_name: str, run_id: str | None, model_uri: str | None) -> None:
+        """Point ``champion`` at the version registered from ``run_id`` (registering
+        ``model_uri`` if none is), so the alias ends on the best trial whatever order
+        concurrent workers promoted in."""
+        if not run_id or not model_uri:
+            return
+        versions = self.client.search_model_versions(f"name = '{registered_name}' AND run_id = '{run_id}'")
+        if not versions:
+            self.promote_champion.__wrapped__(self, registered_name, model_uri, run_id)
+            return
+        version = max(versions, key=lambda v: int(v.version)).version
+        self.client.set_registered_model_alias(registered_name, CHAMPION, version)
+
+
 def load_model(uri: str, tracking_uri: str | None = None):
     """Load a logged model (``runs:/…``, ``models:/…``) as a torch module on the CPU."""
     tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -220,3 +291,26 @@ def load_model(uri: str, tracking_uri: str | None = None):
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MnistTuneError(f"cannot load model {uri} from {redact(tracking_uri)}: {first}") from None
+
+
+def trials_table(tracker: Tracker, study: str):
+    """One row per trial run of ``study``: trial, state, objective, test_acc, params, run_id;
+    best first by the study's metric."""
+    experiment_id = tracker.find_experiment(study)
+    if experiment_id is None:
+        names = ", ".join(n for n in tracker.experiment_names() if n != "Default") or "(none)"
+        raise MnistTuneError(f"no study {study!r} in MLflow at {redact(tracker.uri)}; studies: {names}")
+    frame = tracker.search_trial_runs(experiment_id)
+    if frame.empty:
+        return frame
+    parents = tracker.client.search_runs([experiment_id], "tags.`mnist_tune.role` = 'study'", max_results=1)
+    params = parents[0].data.params if parents else {}
+    metric, ascending = params.get("metric", "val_acc"), params.get("direction") == "minimize"
+    table = frame.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
+    table["trial"] = frame["tags.mnist_tune.trial"].astype(int)
+    table["state"] = frame["tags.mnist_tune.state"]
+    hyper = sorted(c[len("params."):] for c in frame.columns if c.startswith("params.")
+                   and c not in ("params.device", "params.parameters", "params.epochs", "params.model"))
+    scores = [c for c in (metric, "val_acc", "val_loss", "test_acc") if c in table.columns]
+    columns = ["trial", "state", *dict.fromkeys(scores), *hyper, "run_id"]
+    return table[columns].sort_values(metric, ascending=ascending, na_position="last").reset_index(drop=True)
