@@ -179,6 +179,7 @@ def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
 @click.option("--study-name", default=None, help="[default: the sweep's name]")
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the sweep's epochs.")
+@click.option("--val-size", type=click.IntRange(min=1), default=None, help="Override the sweep's validation size.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting trials after this many seconds.")
 @click.option("--seed", type=int, default=None, help="Sampler seed and base of the trials' seeds.")
@@ -191,7 +192,7 @@ def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
 @click.option("--no-plots", is_flag=True, help="Skip the plots on the study's parent run.")
 @data_dir_option
 @storage_options
-def study(model_name, sweep_file, trials, study_name, device, epochs, timeout, seed, heartbeat_interval,
+def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, timeout, seed, heartbeat_interval,
           grace_period, max_retry, max_failures, no_plots, data_dir, storage, storage_file, tracking_uri,
           tracking_uri_file):
     """Run (or join, or finish) an Optuna study; every trial is a nested MLflow run."""
@@ -208,8 +209,7 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, timeout, s
         raise MnistTuneError("give --model mlp|mixer or --sweep FILE")
     storage, tracking_uri = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
     sweep = sweep_for(model_name, sweep_file)
-    if epochs:
-        sweep = sweep.with_overrides(epochs=epochs)
+    sweep = sweep.with_overrides(epochs=epochs, val_size=val_size)
     if grace_period <= heartbeat_interval:
         raise MnistTuneError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval}")
     torch_device = resolve_device(device)
@@ -319,7 +319,7 @@ def _model_uri(run_id, model_uri) -> str:
 @tracking_option
 def evaluate(run_id, model_uri, data_dir, tracking_uri):
     """Reload a logged model from MLflow and report its test accuracy."""
-    from mnist_tune.data import load_mnist
+    from mnist_tune.data import load_test_split
     from mnist_tune.tracking import Tracker, load_model
     from mnist_tune.train import evaluate as evaluate_split
 
@@ -327,8 +327,7 @@ def evaluate(run_id, model_uri, data_dir, tracking_uri):
     tracker = Tracker(tracking_uri)
     logged = tracker.get_run(run_id).data.metrics.get("test_acc") if run_id else None
     model = load_model(uri, tracker.uri)
-    splits = load_mnist(data_dir)
-    _, acc = evaluate_split(model, splits.test_x, splits.test_y)
+    _, acc = evaluate_split(model, *load_test_split(data_dir))
     click.echo(f"{uri}: test_acc {acc:.4f}" + (f" (logged {logged:.4f})" if logged is not None else ""))
 
 

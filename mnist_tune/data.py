@@ -262,6 +262,13 @@ def load_mnist(data_dir: Path | str | None = None, val_size: int = 5000, seed: i
     return MNISTSplits(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y)
 
 
+def load_test_split(data_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the 10k test images and labels (for evaluating a finished model)."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    _, _, test_x, test_y = _load_arrays(str(data_dir), tuple(expected_checksums().items()))
+    return test_x, test_y
+
+
 def prefetch(data_dir: Path | str | None = None, log=print) -> Path:
     """Make sure the files are there and verified; return the folder holding them."""
     files = ensure_mnist(data_dir, log=log)

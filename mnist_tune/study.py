@@ -15,6 +15,7 @@ number of workers (processes, hosts) may run it on the same study and storage at
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -230,9 +231,19 @@ class Worker:
         self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
         if self.is_sqlite:
             self._refuse_second_sqlite_worker()
+        self.study.sampler = make_sampler(self.sweep, self._sampler_seed())
         self.experiment_id = self.tracker.experiment(self.name, tags={"mnist_tune.study": self.name})
         self.parent_run_id = self._attach_parent_run()
         self.reconcile_runs()
+
+    def _sampler_seed(self) -> int:
+        """Reproducible for a fresh study; a rerun continues with new draws instead of
+        replaying the first ones; concurrent workers (live trials) draw different points."""
+        base = self.settings.seed if self.settings.seed is not None else self.sweep.sampler.get("seed", 0)
+        seed = base + len(self.study.get_trials(deepcopy=False))
+        if live_trials(self.storage, self.study):
+            seed = seed * 100_003 + os.getpid()
+        return seed % 2**32
 
     def _refuse_second_sqlite_worker(self) -> None:
         live = live_trials(self.storage, self.study)
@@ -295,6 +306,14 @@ class Worker:
     # ---- the objective ----------------------------------------------------------------
 
     def objective(self, trial: optuna.Trial) -> float:
+        try:
+            return self._objective(trial)
+        except Exception as e:  # keep the reason on the trial; Optuna records only FAIL
+            if "error" not in trial.user_attrs and not isinstance(e, BudgetSurplus):
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
+            raise
+
+    def _objective(self, trial: optuna.Trial) -> float:
         trials = self.study.get_trials(deepcopy=False)
         frozen = next(t for t in trials if t.number == trial.number)  # a live Trial has no system attrs
         retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)

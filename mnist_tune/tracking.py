@@ -26,6 +26,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Fail fast on an unreachable server instead of retrying with backoff for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one "View run" line per run
 
 import mlflow  # noqa: E402  (after the environment settings above)
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -139,7 +140,7 @@ class Tracker:
     @_timed
     def start_run(self, experiment_id: str, name: str, parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+        tags = {k: str(v) for k, v in (tags or {}).items()}  # the REST API takes strings only
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests by
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
@@ -262,7 +263,9 @@ class Tracker:
             self.client.create_registered_model(registered_name)
         except MlflowException:
             pass  # already registered
-        version = self.client.create_model_version(registered_name, source=model_uri, run_id=run_id)
+        model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+        version = self.client.create_model_version(registered_name, source=model_uri, run_id=run_id,
+                                                   model_id=model_id)
         self.client.set_registered_model_alias(registered_name, CHAMPION, version.version)
         return version.version
 

@@ -102,7 +102,10 @@ def as_input(images_u8: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a split, in large batches."""
     was_training = model.training
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # a reloaded torch.export module: exported in eval mode already
+        was_training = False
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     for start in range(0, len(images), EVAL_BATCH):
@@ -110,7 +113,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
         target = labels[start:start + EVAL_BATCH]
         loss_sum += F.cross_entropy(logits, target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
-    model.train(was_training)
+    if was_training:
+        model.train()
     n = len(images)
     return loss_sum.item() / n, correct.item() / n
 

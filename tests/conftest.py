@@ -80,3 +80,105 @@ def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedPro
         raise AssertionError(f"mnist-tune {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# ----------------------------------------------------------------- real servers
+
+PG_ADMIN_URL = os.environ.get("MNIST_TUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 90, proc=None) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra_env=None):
+    """A real `mlflow server` process on a free loopback port, artifacts served by it."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError((workdir / "server.log").read_text()[-3000:])
+    return proc, url
+
+
+def stop_process(proc) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real tracking server for the whole session (starting one takes 10-30 s here)."""
+    proc, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield url
+    stop_process(proc)
+
+
+def create_database(prefix: str = "mnist_tune_test") -> str:
+    import uuid
+
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    import psycopg2
+
+    name = url.rsplit("/", 1)[1]
+    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture
+def postgres_db():
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    url = create_database()
+    yield url
+    drop_database(url)

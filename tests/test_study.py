@@ -1,0 +1,204 @@
+"""`mnist-tune study` end to end on synthetic data: Optuna and MLflow agree trial by trial."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+# lr 1e-6 learns nothing (pruned once a good trial exists), lr inf diverges (FAIL).
+TINY_SWEEP = """
+name: tiny
+model: mlp
+study:
+  sampler: {name: random, seed: 0}
+  pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
+train: {epochs: 3, val_size: 200}
+fixed: {hidden_sizes: [32]}
+space:
+  lr: {type: categorical, choices: [0.003, 1.0e-6, .inf]}
+  batch_size: {type: categorical, choices: [50, 100]}
+  dropout: {type: float, low: 0.0, high: 0.3}
+"""
+STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SWEEP)
+    return path
+
+
+def optuna_storage(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+
+
+def embedded_tracking(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "tiny", expect_trials=None):
+    """The invariants of the MLflow layout, checked against Optuna's own record."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = [t for t in study.trials if not t.user_attrs.get("budget_surplus")]
+    if expect_trials is not None:
+        assert len(trials) == expect_trials
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(study_name)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["mnist_tune.role"] == "study"
+    children = client.search_runs([experiment.experiment_id], "tags.`mnist_tune.role` = 'trial'", max_results=1000)
+    assert len(children) == len(trials)
+    by_trial = {int(r.data.tags["mnist_tune.trial"]): r for r in children}
+    assert sorted(by_trial) == sorted(t.number for t in trials)  # one run per trial, no duplicates
+    for t in trials:
+        run = by_trial[t.number]
+        assert run.info.run_name == f"trial-{t.number}"
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.tags["mnist_tune.state"] == t.state.name
+        assert run.info.status == STATUS_OF[t.state.name], (t.number, t.state, run.info.status)
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        for name, value in t.params.items():
+            assert run.data.params[name] == str(value)
+        epochs = len(t.intermediate_values)
+        for metric in ("train_loss", "val_loss", "val_acc", "epoch_seconds"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+            assert sorted(steps) == list(range(1, epochs + 1)), (t.number, metric, steps)
+        if t.state.name == "COMPLETE":
+            assert run.data.metrics["test_acc"] == pytest.approx(t.user_attrs["test_acc"])
+            assert run.data.metrics["val_acc"] == pytest.approx(t.value)
+        if t.state.name == "FAIL":
+            assert "nan" in run.data.tags["mnist_tune.error"].lower()
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    assert running == []
+    return study, client, parent, by_trial
+
+
+def test_study_budget_is_total_and_runs_match(synthetic_env, tmp_path, tiny_sweep):
+    first = run_cli("study", "--sweep", tiny_sweep, "--trials", "4", env=synthetic_env)
+    assert "4/4 trials" in first.stdout
+    second = run_cli("study", "--sweep", tiny_sweep, "--trials", "4", env=synthetic_env)
+    assert "4/4 trials" in second.stdout and "this worker ran 0" in second.stdout
+    check_study_matches_mlflow(optuna_storage(tmp_path), embedded_tracking(tmp_path), expect_trials=4)
+    run_cli("study", "--sweep", tiny_sweep, "--trials", "7", env=synthetic_env)
+    study, client, parent, by_trial = check_study_matches_mlflow(
+        optuna_storage(tmp_path), embedded_tracking(tmp_path), expect_trials=7)
+    states = {t.state.name for t in study.trials}
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= states, states
+    # a resumed random sampler must not replay the first draws
+    draws = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(draws)) > 4
+    # parent run: finished, sweep file and plots attached, best trial recorded
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")] == ["sweep/tiny.yaml"]
+    best = study.best_trial
+    assert parent.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best.value)
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+
+
+def test_changed_search_space_is_refused_untouched(synthetic_env, tmp_path, tiny_sweep):
+    run_cli("study", "--sweep", tiny_sweep, "--trials", "1", "--no-plots", env=synthetic_env)
+    before = (tmp_path / "mlruns" / "optuna.db").read_bytes()
+    tiny_sweep.write_text(TINY_SWEEP.replace("high: 0.3", "high: 0.5"))
+    proc = run_cli("study", "--sweep", tiny_sweep, "--trials", "2", env=synthetic_env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "created from a different sweep" in proc.stderr
+    assert (tmp_path / "mlruns" / "optuna.db").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "cnn"], "unknown model 'cnn'"),
+    (["--sweep", "nope.yaml"], "does not exist"),
+    (["--model", "mlp", "--device", "cuda:5"], "not available"),
+    (["--model", "mlp", "--storage", "postgresql://u:s3cret@127.0.0.1:9/x"], "cannot open Optuna storage"),
+    (["--model", "mlp", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    (["--model", "mlp", "--storage", "redis://x"], "unsupported storage URL"),
+    ([], "give --model"),
+])
+def test_study_bad_input(synthetic_env, tmp_path, args, message):
+    proc = run_cli("study", "--trials", "1", "--val-size", "200", *args, env=synthetic_env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def write_pngs(folder, images):
+    from PIL import Image
+
+    folder.mkdir()
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"digit{i}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    big = folder / "big.png"  # other sizes are resized to 28x28
+    Image.fromarray(images[0]).resize((56, 56), Image.Resampling.NEAREST).save(big)
+    return paths + [big]
+
+
+@pytest.mark.slow
+def test_study_against_real_mlflow_server(synthetic_env, tmp_path, tiny_sweep, mlflow_server):
+    env = {**synthetic_env, "MLFLOW_TRACKING_URI": mlflow_server}
+    storage = optuna_storage(tmp_path)
+    run_cli("study", "--sweep", tiny_sweep, "--trials", "5", "--study-name", "tiny-server", "--seed", "2",
+            "--storage", storage, env=env)
+    study, client, parent, by_trial = check_study_matches_mlflow(storage, mlflow_server, "tiny-server", 5)
+    best = study.best_trial
+    assert best.value > 0.9  # seed 2 draws a learning rate that learns
+    run_id = best.user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server
+
+    shown = json.loads(run_cli("best", "--study", "tiny-server", "--storage", storage, "--json", env=env).stdout)
+    assert shown["trial"] == best.number and shown["run_id"] == run_id and shown["params"] == best.params
+
+    table = json.loads(run_cli("runs", "--study", "tiny-server", "--format", "json", env=env).stdout)
+    assert len(table) == 5 and table[0]["trial"] == best.number
+    assert {"lr", "batch_size", "dropout", "val_acc", "test_acc", "run_id"} <= set(table[0])
+    csv = run_cli("runs", "--study", "tiny-server", "--format", "csv", env=env).stdout
+    assert csv.splitlines()[0].startswith("trial,state,val_acc") and len(csv.splitlines()) == 6
+
+    logged = client.get_run(run_id).data.metrics["test_acc"]
+    out = run_cli("evaluate", "--run-id", run_id, env=env).stdout
+    assert f"test_acc {logged:.4f} (logged {logged:.4f})" in out
+    out = run_cli("evaluate", "--model-uri", "models:/mnist-mlp@champion", env=env).stdout
+    assert f"test_acc {logged:.4f}" in out
+
+    from mnist_tune.data import load_mnist
+
+    splits = load_mnist(tmp_path / "data", val_size=200)
+    pngs = write_pngs(tmp_path / "png", splits.test_x[:4].numpy())
+    out = run_cli("predict", "--run-id", run_id, *pngs, env=env).stdout.splitlines()
+    labels = [int(line.split(": ")[1].split()[0]) for line in out]
+    assert labels == splits.test_y[:4].tolist() + [splits.test_y[0].item()]  # synthetic digits are easy
+    assert all(0 < float(line.split("(")[1].rstrip(")")) <= 1 for line in out)
+
+    # Optuna's own tools read the same storage
+    proc = subprocess.run([str(Path(sys.executable).parent / "optuna"), "best-trial", "--study-name", "tiny-server",
+                           "--storage", storage, "-f", "json"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["number"] == best.number
+
+
+def test_read_commands_reject_unknown_names(synthetic_env, tmp_path, tiny_sweep):
+    run_cli("study", "--sweep", tiny_sweep, "--trials", "1", "--no-plots", env=synthetic_env)
+    for args, message in [(["best", "--study", "nope"], "no study named 'nope' in this storage; studies: tiny"),
+                          (["runs", "--study", "nope"], "no study 'nope' in MLflow"),
+                          (["evaluate", "--run-id", "0123abc"], "no MLflow run with id '0123abc'"),
+                          (["predict", "--run-id", "x", "missing.png"], "missing.png: no such file")]:
+        proc = run_cli(*args, env=synthetic_env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    proc = run_cli("evaluate", "--run-id", "0123abc", env=synthetic_env, check=False)
+    assert "trial-0" in proc.stderr  # lists the runs that exist
