@@ -190,11 +190,15 @@ def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
 @click.option("--max-failures", type=click.IntRange(min=1), default=None,
               help="Failed trials after which the worker stops [default: the budget].")
 @click.option("--no-plots", is_flag=True, help="Skip the plots on the study's parent run.")
+@click.option("--finish-trial-on-signal", is_flag=True,
+              help="First SIGTERM/Ctrl-C finishes the current trial before stopping (a second one aborts).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads [default: all cores]; use cores/workers when several run on one host.")
 @data_dir_option
 @storage_options
 def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, timeout, seed, heartbeat_interval,
-          grace_period, max_retry, max_failures, no_plots, data_dir, storage, storage_file, tracking_uri,
-          tracking_uri_file):
+          grace_period, max_retry, max_failures, no_plots, finish_trial_on_signal, threads, data_dir, storage,
+          storage_file, tracking_uri, tracking_uri_file):
     """Run (or join, or finish) an Optuna study; every trial is a nested MLflow run."""
     import time
 
@@ -213,10 +217,15 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
     if grace_period <= heartbeat_interval:
         raise MnistTuneError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval}")
     torch_device = resolve_device(device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     tracker = Tracker(tracking_uri)
     settings = WorkerSettings(trials=trials, storage=storage, study_name=study_name, timeout=timeout, seed=seed,
                               heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                              max_retry=max_retry, max_failures=max_failures)
+                              max_retry=max_retry, max_failures=max_failures,
+                              finish_trial_on_signal=finish_trial_on_signal)
     splits = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed)
     worker = Worker(sweep, settings, tracker, splits, torch_device, log=lambda m: click.echo(m, err=True))
     worker.open()
@@ -226,7 +235,7 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
     except (KeyboardInterrupt, Interrupted) as e:
         worker.interrupted()
         fail(f"interrupted ({e or 'Ctrl-C'}); the current trial was closed, rerun the command to finish the study",
-             code=143 if isinstance(e, Interrupted) else 130)
+             code=e.exit_code if isinstance(e, Interrupted) else 130)
     wall = time.perf_counter() - started
     click.echo(f"study {worker.name}: {count.finished}/{trials} trials ({count.complete} complete, "
                f"{count.pruned} pruned, {count.failed} failed) in {wall:.0f} s"
@@ -283,6 +292,28 @@ def best(study_name, as_json, storage, storage_file, tracking_uri, tracking_uri_
     click.echo(f"  model      {record['model_uri']}")
     for key, value in trial.params.items():
         click.echo(f"  {key:<10} {value}")
+
+
+@cli.command()
+@click.option("--study", "study_name", required=True)
+@storage_options
+def status(study_name, storage, storage_file, tracking_uri, tracking_uri_file):
+    """Trials by state, live workers (by heartbeat), budget left, best so far."""
+    from mnist_tune.study import WorkerSettings, open_storage, study_status
+
+    storage, _ = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
+    st = study_status(open_storage(storage, WorkerSettings(trials=1)), study_name)
+    states = ", ".join(f"{n} {k.lower()}" for k, n in sorted(st.by_state.items())) or "no trials"
+    click.echo(f"study {st.name}: {states}")
+    click.echo(f"  live workers: {len(st.live)}" + (f" (running trials {', '.join(map(str, st.live))})"
+                                                     if st.live else ""))
+    click.echo(f"  budget: {st.budget} trials, {st.count.used} used, {st.left} left" if st.budget is not None
+               else "  budget: unknown (no worker has started)")
+    if st.best is not None:
+        click.echo(f"  best: trial {st.best.number}, value {st.best.value:.4f}, test_acc "
+                   f"{st.best.user_attrs.get('test_acc', float('nan')):.4f}, run {st.best.user_attrs.get('mlflow_run_id')}")
+    else:
+        click.echo("  best: none yet")
 
 
 @cli.command()

@@ -56,10 +56,16 @@ class WorkerSettings:
     grace_period: int = 30
     max_retry: int = 2
     max_failures: int | None = None  # real failures (exceptions, NaN) that stop the worker
+    finish_trial_on_signal: bool = False  # first SIGTERM/SIGINT: finish the current trial, then stop
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread so the current trial is closed like on Ctrl-C."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the current trial is closed like on Ctrl-C
+    (a KeyboardInterrupt, so Optuna marks the trial FAIL before re-raising it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def default_storage() -> str:
@@ -82,12 +88,18 @@ def open_storage(url: str | None, settings: WorkerSettings, on_stale=None) -> op
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_interval,
-            grace_period=settings.grace_period, heartbeat_stale_trial_callback=on_stale)
-    except Exception as e:  # sqlalchemy's OperationalError, a missing driver, a bad URL
-        raise MnistTuneError(f"cannot open Optuna storage {redact(url)}: {_first_line(e)}") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period, heartbeat_stale_trial_callback=on_stale)
+        except Exception as e:  # sqlalchemy's OperationalError, a missing driver, a bad URL
+            # Workers starting together on a fresh database race to create Optuna's tables;
+            # the losers see "already exists"/"duplicate key" and simply open it again.
+            racing = any(s in str(e) for s in ("already exists", "duplicate key"))
+            if not racing or attempt == 4:
+                raise MnistTuneError(f"cannot open Optuna storage {redact(url)}: {_first_line(e)}") from None
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _first_line(error: Exception) -> str:
@@ -224,6 +236,7 @@ class Worker:
         self.study: optuna.Study | None = None
         self.experiment_id = self.parent_run_id = None
         self.trials_run = 0
+        self.stop_requested = 0  # the signal number once a graceful stop was asked for
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -389,15 +402,22 @@ class Worker:
         count = count_budget(self.study.get_trials(deepcopy=False))
         trials_bar = bar(self.settings.trials, f"study {self.name}", "trial", initial=min(count.finished,
                                                                                              self.settings.trials))
-        previous_signal = signal.signal(signal.SIGTERM, _raise_interrupted)
+        self.study.set_user_attr("budget", self.settings.trials)  # for `mnist-tune status`
+        handlers = self._install_signal_handlers()
         try:
-            while True:
+            while not self.stop_requested:
                 if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
                     break
                 trials = self.study.get_trials(deepcopy=False)
                 count = count_budget(trials)
                 if count.waiting == 0 and count.used >= self.settings.trials:
-                    break
+                    if not count.running:
+                        break
+                    # Budget taken, but trials still run: wait until they finish or their worker is
+                    # found dead (then they are retried here), so the study always completes.
+                    time.sleep(self.settings.heartbeat_interval)
+                    optuna.storages.fail_stale_trials(self.study)
+                    continue
                 failures = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(SURPLUS_ATTR)
                                and t.number not in _retried_numbers(trials))
                 if failures >= max_failures:
@@ -406,9 +426,24 @@ class Worker:
                 self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
                                     callbacks=[self._after_trial(trials_bar)])
         finally:
-            signal.signal(signal.SIGTERM, previous_signal)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             trials_bar.close()
+        if self.stop_requested:
+            raise Interrupted("stopped after finishing the current trial, as asked", self.stop_requested)
         return count_budget(self.study.get_trials(deepcopy=False))
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT interrupt the current trial (it ends FAIL, its run KILLED) — or, with
+        finish_trial_on_signal, the first one lets it finish and the second interrupts."""
+        def on_signal(signum, frame):
+            if self.settings.finish_trial_on_signal and not self.stop_requested:
+                self.stop_requested = signum
+                self.log(f"signal {signum}: finishing the current trial, then stopping (again to abort)")
+                return
+            raise Interrupted(f"received signal {signum}", signum)
+
+        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _after_trial(self, trials_bar):
         def callback(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -485,5 +520,31 @@ class BudgetSurplus(Exception):
     """This trial started after the budget was used up by others; it ends FAIL, untrained."""
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(f"received signal {signum}")
+@dataclass
+class StudyStatus:
+    name: str
+    budget: int | None
+    count: BudgetCount
+    by_state: dict[str, int]
+    live: list[int]
+    best: FrozenTrial | None
+
+    @property
+    def left(self) -> int | None:
+        return None if self.budget is None else max(0, self.budget - self.count.used)
+
+
+def study_status(storage, name: str) -> StudyStatus:
+    """Trials by state, live trials (by heartbeat), budget left and best so far."""
+    study = load_existing_study(storage, name)
+    trials = study.get_trials(deepcopy=False)
+    by_state: dict[str, int] = {}
+    for t in trials:
+        key = "SURPLUS" if t.user_attrs.get(SURPLUS_ATTR) else t.state.name
+        by_state[key] = by_state.get(key, 0) + 1
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    live = live_trials(storage, study) if storage.get_heartbeat_interval() else []
+    return StudyStatus(name, study.user_attrs.get("budget"), count_budget(trials), by_state, live, best)

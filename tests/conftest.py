@@ -154,11 +154,10 @@ def mlflow_server(tmp_path_factory):
 def create_database(prefix: str = "mnist_tune_test") -> str:
     import uuid
 
-    import psycopg2
+    import psycopg
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
-    conn.autocommit = True
+    conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=5, autocommit=True)
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
@@ -166,11 +165,10 @@ def create_database(prefix: str = "mnist_tune_test") -> str:
 
 
 def drop_database(url: str) -> None:
-    import psycopg2
+    import psycopg
 
     name = url.rsplit("/", 1)[1]
-    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
-    conn.autocommit = True
+    conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=5, autocommit=True)
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
