@@ -49,7 +49,7 @@ def wait_for_running_trial(storage, name, timeout=120):
     while time.monotonic() < deadline:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
+        except Exception:  # not created yet (no study, or no database file)
             study = None
         if study is not None:
             for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
@@ -179,7 +179,7 @@ def test_sqlite_refuses_a_second_live_worker(synthetic_env, tmp_path):
     first = start_worker(env, "--trials", 2, "--epochs", 60, "--heartbeat-interval", 1, "--grace-period", 3)
     try:
         wait_for_running_trial(f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", "multi")
-        proc = run_cli("study", "--sweep", "multi.yaml", "--trials", "2", env=env, check=False)
+        proc = run_cli("study", "--sweep", "multi.yaml", "--trials", "2", "--epochs", "60", env=env, check=False)
         assert proc.returncode == 2 and "run parallel workers against PostgreSQL" in proc.stderr
         assert proc.stderr.count("\n") == 1
     finally:
