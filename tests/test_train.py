@@ -83,3 +83,18 @@ def test_seed_configuration_on_real_mnist(real_mnist_dir):
                  resolve_device("cpu"))
     assert result.status == "completed" and result.history[-1].val_acc > 0.97
     assert evaluate(model, splits.test_x, splits.test_y)[1] >= 0.975
+
+
+def test_amp_path_runs_on_cpu(splits):
+    """The bf16 autocast path (meant for CUDA) is device-agnostic code: exercised here on CPU."""
+    model, result, seen = _train(splits, amp=True, epochs=2)
+    assert result.status == "completed" and seen[-1][1].val_acc > 0.8
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+@pytest.mark.slow
+def test_compile_path_matches_eager(splits):
+    eager_model, eager, _ = _train(splits, seed=3, epochs=1)
+    compiled_model, compiled, _ = _train(splits, seed=3, epochs=1, compile=True)
+    assert compiled.status == "completed"
+    assert compiled.history[0].val_acc == pytest.approx(eager.history[0].val_acc, abs=0.02)
