@@ -74,6 +74,7 @@ def run_one(spec: str, data_dir: str | None, device: str) -> dict:
             "best_val": best.value, "best_test": best.user_attrs["test_acc"], "best_trial": best.number,
             "complete": count.complete, "pruned": count.pruned, "failed": count.failed,
             "mlflow_share": tracker.seconds / wall,
+            "mlflow_seconds_by_call": tracker.seconds_by_call,
             # time in study.optimize that was not the objective: sampler, pruner, storage
             "optuna_share": (loop - in_objective[0]) / wall,
             "training_share": (in_objective[0] - mlflow_in_objective[0]) / wall,

@@ -243,8 +243,10 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
                f"{count.pruned} pruned, {count.failed} failed) in {wall:.0f} s"
                + (f"; this worker ran {worker.trials_run}" if worker.trials_run != count.finished else ""))
     _print_best(worker.study, sweep.metric)
-    click.echo(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall time)"
-               f"; UI: mnist-tune ui" + ("" if tracker.is_embedded else f" or {tracker.uri}"))
+    top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
+    click.echo(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall time: "
+               + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")")
+    click.echo("UI: mnist-tune ui" + ("" if tracker.is_embedded else f" or {tracker.uri}"))
 
 
 def _best_trial(study_obj):
