@@ -246,6 +246,9 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
     top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
     click.echo(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall time: "
                + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")")
+    if worker.trial_seconds:
+        click.echo(f"  inside trials: {worker.trial_tracking_seconds:.1f} s of {worker.trial_seconds:.0f} s "
+                   f"({100 * worker.trial_tracking_seconds / worker.trial_seconds:.1f} %)")
     click.echo("UI: mnist-tune ui" + ("" if tracker.is_embedded else f" or {tracker.uri}"))
 
 

@@ -125,7 +125,7 @@ def _number(problems, key, value, kind=float):
     return kind(value)
 
 
-def _parse_param(problems: _Problems, model: str, name: str, spec: Any) -> Param | None:
+def _parse_param(problems: _Problems, name: str, spec: Any) -> Param | None:
     key = f"space.{name}"
     if not isinstance(spec, dict):
         problems.add(key, "must be a mapping with a 'type'")
@@ -186,7 +186,7 @@ def finite_values(param: Param) -> list | None:
     return None
 
 
-def _check_values(problems: _Problems, model: str, key: str, name: str, values: list) -> None:
+def _check_values(problems: _Problems, key: str, name: str, values: list) -> None:
     """Per-hyperparameter sanity: values that cannot train are errors here, not crashes later."""
     def bad(problem):
         problems.add(key, problem)
@@ -301,10 +301,10 @@ def load_sweep(path: str | Path) -> Sweep:
             if not (isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value)):
                 problems.add("fixed.hidden_sizes", "must be a list of positive integers")
         else:
-            _check_values(problems, model, f"fixed.{pname}", pname, [value])
+            _check_values(problems, f"fixed.{pname}", pname, [value])
     space = []
     for pname, spec in space_doc.items():
-        param = _parse_param(problems, model, pname, spec)
+        param = _parse_param(problems, pname, spec)
         if param is None:
             continue
         if pname == "hidden_sizes":
@@ -312,7 +312,7 @@ def load_sweep(path: str | Path) -> Sweep:
             continue
         values = finite_values(param)
         if values is not None:
-            _check_values(problems, model, f"space.{pname}", pname, values)
+            _check_values(problems, f"space.{pname}", pname, values)
         else:
             _check_range(problems, f"space.{pname}", pname, param)
         space.append(param)

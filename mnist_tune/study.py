@@ -236,6 +236,7 @@ class Worker:
         self.study: optuna.Study | None = None
         self.experiment_id = self.parent_run_id = None
         self.trials_run = 0
+        self.trial_seconds = self.trial_tracking_seconds = 0.0
         self.stop_requested = 0  # the signal number once a graceful stop was asked for
 
     # ---- set-up -------------------------------------------------------------------
@@ -319,12 +320,16 @@ class Worker:
     # ---- the objective ----------------------------------------------------------------
 
     def objective(self, trial: optuna.Trial) -> float:
+        started, tracked = time.perf_counter(), self.tracker.seconds
         try:
             return self._objective(trial)
         except Exception as e:  # keep the reason on the trial; Optuna records only FAIL
             if "error" not in trial.user_attrs and not isinstance(e, BudgetSurplus):
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
             raise
+        finally:  # the tracking-overhead figure: MLflow time inside trials / trial wall time
+            self.trial_seconds += time.perf_counter() - started
+            self.trial_tracking_seconds += self.tracker.seconds - tracked
 
     def _objective(self, trial: optuna.Trial) -> float:
         trials = self.study.get_trials(deepcopy=False)

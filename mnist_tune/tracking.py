@@ -265,6 +265,9 @@ class Tracker:
     def promote_champion(self, registered_name: str, model_uri: str, run_id: str) -> str:
         """Register ``model_uri`` as a new version of ``registered_name`` and point the
         ``champion`` alias at it; returns the version."""
+        return self._register_as_champion(registered_name, model_uri, run_id)
+
+    def _register_as_champion(self, registered_name: str, model_uri: str, run_id: str) -> str:
         try:
             self.client.create_registered_model(registered_name)
         except MlflowException:
@@ -285,7 +288,7 @@ class Tracker:
             return
         versions = self.client.search_model_versions(f"name = '{registered_name}' AND run_id = '{run_id}'")
         if not versions:
-            self.promote_champion.__wrapped__(self, registered_name, model_uri, run_id)
+            self._register_as_champion(registered_name, model_uri, run_id)
             return
         version = max(versions, key=lambda v: int(v.version)).version
         self.client.set_registered_model_alias(registered_name, CHAMPION, version)
