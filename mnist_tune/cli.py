@@ -228,7 +228,8 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
                               heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                               max_retry=max_retry, max_failures=max_failures,
                               finish_trial_on_signal=finish_trial_on_signal)
-    splits = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed)
+    # Moved to the device once per worker, not once per trial.
+    splits = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
     worker = Worker(sweep, settings, tracker, splits, torch_device, log=lambda m: click.echo(m, err=True))
     worker.open()
     try:

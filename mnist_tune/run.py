@@ -79,7 +79,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
     _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
     tracker.log_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
     if log_model:
-        example = as_input(data.test_x[:4]).numpy()  # batch > 1 so pt2 keeps the batch dim dynamic
+        example = as_input(data.test_x[:4].cpu()).numpy()  # batch > 1: pt2 keeps the batch dim dynamic
         outcome.model_uri = tracker.log_model(run_id, model, example)
     return outcome
 
