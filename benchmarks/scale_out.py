@@ -21,7 +21,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import psycopg
 

@@ -8,7 +8,6 @@ import torch
 from mnist_tune import data
 from mnist_tune.errors import MnistTuneError
 
-from conftest import make_synthetic_mnist
 
 
 def test_idx_round_trip_and_header():

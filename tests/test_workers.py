@@ -1,9 +1,7 @@
 """Many workers, one study: PostgreSQL storage + a real MLflow server, crashes and signals."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import optuna
