@@ -423,10 +423,8 @@ class Worker:
                     time.sleep(self.settings.heartbeat_interval)
                     optuna.storages.fail_stale_trials(self.study)
                     continue
-                failures = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(SURPLUS_ATTR)
-                               and t.number not in _retried_numbers(trials))
-                if failures >= max_failures:
-                    raise MnistTuneError(f"study {self.name!r}: {failures} trials failed (limit {max_failures}); "
+                if count.failed >= max_failures:
+                    raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit {max_failures}); "
                                          "see the mnist_tune.error tags of their MLflow runs")
                 self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
                                     callbacks=[self._after_trial(trials_bar)])
