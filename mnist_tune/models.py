@@ -21,6 +21,11 @@ NUM_CLASSES = 10
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
+def as_input(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the models' input contract."""
+    return images_u8.unsqueeze(1).float().div_(255)
+
+
 class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - MNIST_MEAN).mul_(1 / MNIST_STD)  # one new tensor per call, not two

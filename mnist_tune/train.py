@@ -21,6 +21,9 @@ from torch import nn
 
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.mlp_step import ExplicitMLPStep
+from mnist_tune.models import NUM_CLASSES, as_input
+from mnist_tune.optim import FlatAdamW, schedule_table
 
 SCHEDULES = ("constant", "cosine", "onecycle")
 EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hundreds of steps
@@ -95,11 +98,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def as_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the models' input contract."""
-    return images_u8.unsqueeze(1).float().div_(255)
-
-
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a split, in large batches."""
@@ -121,20 +119,37 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
     return loss_sum.item() / n, correct.item() / n
 
 
-def _make_optimizer(model: nn.Module, hp: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # AdamW: the seed's Adam with decoupled weight decay. The fused kernel does the whole
-    # update in one pass (CPU and CUDA); measured faster than foreach on both.
-    return torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
-                             fused=device.type in ("cpu", "cuda"))
+class AutogradStep:
+    """``step(rows, onehot) -> summed batch loss``, gradients left in ``optimizer.grad``.
+
+    The general path: any model, optional bf16 autocast and torch.compile. The training
+    images stay uint8 on the device and each batch is converted as it is gathered.
+    """
+
+    def __init__(self, model: nn.Module, hp: TrainConfig, optimizer: FlatAdamW):
+        self.forward = torch.compile(model) if hp.compile else model
+        self.optimizer = optimizer
+        device_type = next(model.parameters()).device.type
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=hp.amp)
+
+    def prepare(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return images_u8
+
+    def __call__(self, rows: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad()
+        with self.autocast:
+            logits = self.forward(as_input(rows))
+        loss = F.cross_entropy(logits.float(), onehot)
+        loss.backward()
+        return loss.detach() * len(rows)
 
 
-def _make_schedule(optimizer, hp: TrainConfig, steps_per_epoch: int):
-    total = hp.epochs * steps_per_epoch
-    if hp.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if hp.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
-    return None
+def _make_train_step(model: nn.Module, hp: TrainConfig, optimizer: FlatAdamW):
+    # The plain MLP gets its hand-written step (mlp_step.py: same maths, far less per-step
+    # overhead); other models, and runs asking for autocast or torch.compile, use autograd.
+    if ExplicitMLPStep.supports(model) and not hp.amp and not hp.compile:
+        return ExplicitMLPStep(model)
+    return AutogradStep(model, hp, optimizer)
 
 
 def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.device,
@@ -148,37 +163,36 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
     model.to(device).train()
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+    train_onehot = F.one_hot(train_y, NUM_CLASSES).float()  # targets as the loss wants them, made once
     n = len(train_x)
     steps = math.ceil(n / hp.batch_size)
-    optimizer = _make_optimizer(model, hp, device)
-    schedule = _make_schedule(optimizer, hp, steps)
+    # AdamW: the seed's Adam with decoupled weight decay; lr (and beta1) follow a precomputed table.
+    optimizer = FlatAdamW(model.parameters(), hp.weight_decay)
+    lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
+    train_step = _make_train_step(model, hp, optimizer)
+    train_inputs = train_step.prepare(train_x)  # what each batch is gathered from
     shuffle = torch.Generator(device=device).manual_seed(hp.seed)
     result = FitResult(status="completed")
-    forward = torch.compile(model) if hp.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.amp)
-
-    for epoch in range(1, hp.epochs + 1):
-        started = time.perf_counter()
-        order = torch.randperm(n, device=device, generator=shuffle)
-        loss_sum = torch.zeros((), device=device)
-        for batch in order.split(hp.batch_size):
-            # index_select: a plain gather, measurably cheaper than advanced indexing per step
-            with autocast:
-                logits = forward(as_input(train_x.index_select(0, batch)))
-            loss = F.cross_entropy(logits.float(), train_y.index_select(0, batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            loss_sum += loss.detach() * len(batch)
-        train_loss = loss_sum.item() / n  # the one host sync of the epoch
-        if not math.isfinite(train_loss):
-            result.status, result.message = "diverged", f"training loss became {train_loss} in epoch {epoch}"
-            break
-        val_loss, val_acc = evaluate(model, val_x, val_y)
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, time.perf_counter() - started)
-        result.history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+    step = 0
+    try:
+        for epoch in range(1, hp.epochs + 1):
+            started = time.perf_counter()
+            order = torch.randperm(n, device=device, generator=shuffle)
+            loss_sum = torch.zeros((), device=device)
+            for batch in order.split(hp.batch_size):
+                # index_select: a plain gather, measurably cheaper than advanced indexing per step
+                loss_sum += train_step(train_inputs.index_select(0, batch), train_onehot.index_select(0, batch))
+                optimizer.step(lrs[step], beta1s[step])
+                step += 1
+            train_loss = loss_sum.item() / n  # the one host sync of the epoch
+            if not math.isfinite(train_loss):
+                result.status, result.message = "diverged", f"training loss became {train_loss} in epoch {epoch}"
+                break
+            val_loss, val_acc = evaluate(model, val_x, val_y)
+            metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, time.perf_counter() - started)
+            result.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    finally:
+        optimizer.release()  # the parameters get their own storage back (for saving, reuse)
     return result

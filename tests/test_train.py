@@ -1,10 +1,14 @@
 import pytest
 import torch
+from torch import nn
 
 from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.models import build_model
-from mnist_tune.train import TrainConfig, evaluate, fit, resolve_device, seed_everything
+from mnist_tune.mlp_step import ExplicitMLPStep
+from mnist_tune.models import as_input, build_model
+from mnist_tune.optim import FlatAdamW
+from mnist_tune.train import (AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device,
+                              seed_everything)
 
 
 @pytest.fixture
@@ -12,10 +16,10 @@ def splits(synthetic_env, tmp_path):
     return load_mnist(tmp_path / "data", val_size=200, seed=0)
 
 
-def _train(splits, **kw):
+def _train(splits, model_hp=None, **kw):
     hp = TrainConfig(**{"batch_size": 50, "epochs": 2, "lr": 3e-3, **kw})
     seed_everything(hp.seed)
-    model = build_model("mlp")
+    model = build_model("mlp", **(model_hp or {}))
     seen = []
     result = fit(model, splits, hp, torch.device("cpu"), on_epoch=lambda e, m: seen.append((e, m)))
     return model, result, seen
@@ -98,3 +102,55 @@ def test_compile_path_matches_eager(splits):
     compiled_model, compiled, _ = _train(splits, seed=3, epochs=1, compile=True)
     assert compiled.status == "completed"
     assert compiled.history[0].val_acc == pytest.approx(eager.history[0].val_acc, abs=0.02)
+
+
+@pytest.mark.parametrize("hp", [{"dropout": 0.3}, {"dropout": 0.0}, {"hidden_sizes": (40, 30, 20), "dropout": 0.5}])
+def test_explicit_mlp_step_equals_autograd(hp):
+    """Same loss and the same gradient for every parameter as autograd on the model itself."""
+    torch.manual_seed(0)
+    model = build_model("mlp", **hp).train()
+    optimizer = FlatAdamW(model.parameters())
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 10, (64,)), 10).float()
+    step = ExplicitMLPStep(model)
+
+    torch.manual_seed(1)
+    loss_sum = step(step.prepare(images), onehot)
+    explicit_grads = [p.grad.clone() for p in model.parameters()]
+
+    # The reference draws its dropout masks the way the explicit step does (same RNG stream).
+    optimizer.zero_grad()
+    torch.manual_seed(1)
+    h = model[1](model[0](as_input(images)))
+    for layer in list(model)[2:]:
+        if isinstance(layer, nn.Dropout):
+            keep = 1 - layer.p
+            if keep < 1:
+                h = h * (torch.rand_like(h) < keep) / keep
+        else:
+            h = layer(h)
+    loss = nn.functional.cross_entropy(h, onehot)
+    loss.backward()
+    assert loss_sum.item() == pytest.approx(loss.item() * 64, rel=1e-5)
+    for p, g in zip(model.parameters(), explicit_grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_and_autograd_paths_train_alike(splits, monkeypatch):
+    """Without dropout there is no randomness besides the shuffle: both paths take the same steps."""
+    settings = {"model_hp": {"dropout": 0.0}, "seed": 3, "schedule": "onecycle", "weight_decay": 1e-3}
+    _, explicit, _ = _train(splits, **settings)
+    monkeypatch.setattr(ExplicitMLPStep, "supports", staticmethod(lambda model: False))
+    _, autograd, _ = _train(splits, **settings)
+    assert len(explicit.history) == len(autograd.history) == 2
+    for a, b in zip(explicit.history, autograd.history):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-3)
+        assert a.val_acc == pytest.approx(b.val_acc, abs=0.01)
+
+
+def test_train_step_choice():
+    optimizer = FlatAdamW(build_model("mlp").parameters())
+    assert isinstance(_make_train_step(build_model("mlp"), TrainConfig(), optimizer), ExplicitMLPStep)
+    mixer = build_model("mixer", patch_size=7, dim=16, depth=1)
+    assert isinstance(_make_train_step(mixer, TrainConfig(), FlatAdamW(mixer.parameters())), AutogradStep)
+    assert isinstance(_make_train_step(build_model("mlp"), TrainConfig(amp=True), optimizer), AutogradStep)

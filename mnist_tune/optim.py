@@ -1,0 +1,102 @@
+"""AdamW over one flat parameter buffer, and the lr / momentum schedules as per-step tables.
+
+Why not ``torch.optim.AdamW`` + an ``lr_scheduler``: at batch 100 an MLP epoch is 550 steps
+of ~0.5 ms each, and the optimizer's and scheduler's per-call Python bookkeeping costs
+~0.15 ms of that. Here the parameters live in one buffer, so a step is one call of the same
+fused kernel ``AdamW(fused=True)`` runs, and the schedule is a table computed before training
+(the values of torch's ``CosineAnnealingLR`` / ``OneCycleLR``, checked in tests/test_train.py).
+
+    optimizer = FlatAdamW(model.parameters(), weight_decay=0.01)
+    lrs, beta1s = schedule_table("onecycle", lr=1e-3, total_steps=5500)
+    ... loss.backward(); optimizer.step(lrs[t], beta1s[t]); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch's Adam defaults, as the seed used them
+# OneCycleLR's defaults: warm up over 30 % of the steps from lr/25, anneal to lr/25/1e4, and
+# cycle Adam's beta1 between 0.95 and 0.85 inversely to the lr.
+ONECYCLE_WARMUP, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.3, 25.0, 1e4
+ONECYCLE_BETA1 = (0.95, 0.85)
+
+
+class FlatAdamW:
+    """AdamW whose parameters and gradients are views into two contiguous buffers.
+
+    The model keeps working as usual (its parameters are views of ``flat``); autograd
+    accumulates into ``grad`` in place because every parameter's ``.grad`` is preset to its
+    view. ``release()`` gives the parameters their own storage again when training ends, so a
+    saved model holds only its own tensors.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], weight_decay: float = 0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.weight_decay = weight_decay
+        with torch.no_grad():
+            self.flat = torch.cat([p.reshape(-1) for p in self.params])
+        self.grad = torch.zeros_like(self.flat)
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        self.steps = torch.zeros((), dtype=torch.float32, device=self.flat.device)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.data = self.flat[offset:offset + n].view_as(p)
+            p.grad = self.grad[offset:offset + n].view_as(p)
+            offset += n
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def step(self, lr: float, beta1: float = BETA1) -> None:
+        self.steps += 1
+        torch._fused_adamw_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
+                            lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS,
+                            amsgrad=False, maximize=False)
+
+    def release(self) -> None:
+        for p in self.params:
+            p.data = p.data.clone()
+            p.grad = None
+
+
+def schedule_table(schedule: str, lr: float, total_steps: int) -> tuple[list[float], list[float]]:
+    """(lr, beta1) for every optimizer step: constant, cosine (to 0) or one-cycle."""
+    if schedule == "constant":
+        return [lr] * total_steps, [BETA1] * total_steps
+    if schedule == "cosine":  # CosineAnnealingLR(T_max=total_steps, eta_min=0)
+        return [lr * (1 + math.cos(math.pi * t / total_steps)) / 2 for t in range(total_steps)], \
+            [BETA1] * total_steps
+    if schedule == "onecycle":
+        return _onecycle(lr, total_steps)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _anneal(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+def _onecycle(max_lr: float, total_steps: int) -> tuple[list[float], list[float]]:
+    """OneCycleLR(max_lr, total_steps) with its defaults (cosine annealing, two phases)."""
+    start_lr = max_lr / ONECYCLE_DIV
+    end_lr = start_lr / ONECYCLE_FINAL_DIV
+    peak = float(ONECYCLE_WARMUP * total_steps) - 1
+    last = total_steps - 1
+    high, low = ONECYCLE_BETA1
+    lrs, beta1s = [], []
+    for t in range(total_steps):
+        if t <= peak:  # warm-up (peak is never 0: 0.3 * an integer - 1)
+            pct = t / peak
+            lrs.append(_anneal(start_lr, max_lr, pct))
+            beta1s.append(_anneal(high, low, pct))
+        else:
+            pct = (t - peak) / (last - peak)
+            lrs.append(_anneal(max_lr, end_lr, pct))
+            beta1s.append(_anneal(low, high, pct))
+    return lrs, beta1s

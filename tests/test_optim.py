@@ -1,0 +1,69 @@
+"""FlatAdamW and the schedule tables against torch's own AdamW and lr schedulers."""
+
+import pytest
+import torch
+from torch import nn
+
+from mnist_tune.optim import FlatAdamW, schedule_table
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedule_table_equals_torch_schedulers(schedule):
+    for total in (1, 3, 10, 137):
+        optimizer = torch.optim.AdamW(_net().parameters(), lr=3e-3)
+        scheduler = {"constant": lambda: None,
+                     "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total),
+                     "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
+                                                                             total_steps=total)}[schedule]()
+        expected_lr, expected_beta1 = [], []
+        for t in range(total):
+            group = optimizer.param_groups[0]
+            expected_lr.append(group["lr"])
+            expected_beta1.append(group["betas"][0])
+            optimizer.step()
+            if scheduler is not None and t < total - 1:
+                scheduler.step()
+        lrs, beta1s = schedule_table(schedule, 3e-3, total)
+        assert lrs == pytest.approx(expected_lr, rel=1e-12, abs=1e-18)
+        assert beta1s == pytest.approx(expected_beta1, rel=1e-12)
+    if schedule == "onecycle":  # it does move: warm-up, peak, anneal, beta1 inversely
+        lrs, beta1s = schedule_table(schedule, 1e-2, 100)
+        assert lrs[0] < lrs[30] == pytest.approx(1e-2, rel=1e-3) and lrs[-1] < lrs[0]
+        assert beta1s[0] == pytest.approx(0.95) and beta1s[30] < 0.851
+
+
+def test_flat_adamw_matches_torch_adamw():
+    ours, reference = _net(), _net()
+    flat = FlatAdamW(ours.parameters(), weight_decay=0.05)
+    torch_opt = torch.optim.AdamW(reference.parameters(), weight_decay=0.05)
+    lrs, beta1s = schedule_table("onecycle", 1e-2, 20)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(torch_opt, max_lr=1e-2, total_steps=20)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    for t in range(20):
+        flat.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()  # accumulates into flat.grad in place
+        flat.step(lrs[t], beta1s[t])
+        torch_opt.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        torch_opt.step()
+        if t < 19:
+            scheduler.step()
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours[0].weight, _net()[0].weight)  # it trained
+
+
+def test_release_gives_parameters_their_own_storage():
+    net = _net()
+    flat = FlatAdamW(net.parameters())
+    assert net[0].weight.data_ptr() == flat.flat.data_ptr()  # a view while training
+    before = [p.detach().clone() for p in net.parameters()]
+    flat.release()
+    for p, b in zip(net.parameters(), before):
+        assert torch.equal(p, b) and p.grad is None
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()  # saves only itself
