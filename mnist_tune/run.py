@@ -62,7 +62,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
     epochs = bar(hp.epochs, f"{model_name} epochs", "epoch", position=progress_position, leave=False)
 
     def after_epoch(epoch: int, metrics: EpochMetrics) -> None:
-        tracker.log_metrics(run_id, metrics.as_dict(), step=epoch)
+        tracker.queue_metrics(run_id, metrics.as_dict(), step=epoch)
         epochs.update(1)
         epochs.set_postfix(val_acc=f"{metrics.val_acc:.4f}", loss=f"{metrics.train_loss:.4f}")
         if on_epoch is not None:
@@ -70,14 +70,15 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
 
     try:
         result = fit(model, data, hp, device, on_epoch=after_epoch)
+        if result.status == "diverged":
+            raise Diverged(result.message)
+        outcome = RunOutcome(fit=result, history=result.history)
+        # The test split is for the final report only; nothing is chosen by it.
+        _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
+        tracker.queue_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
     finally:
         epochs.close()
-    if result.status == "diverged":
-        raise Diverged(result.message)
-    outcome = RunOutcome(fit=result, history=result.history)
-    # The test split is for the final report only; nothing is chosen by it.
-    _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
-    tracker.log_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
+        tracker.flush_metrics(run_id)  # every epoch trained, also when pruned or failed
     if log_model:
         example = as_input(data.test_x[:4].cpu()).numpy()  # batch > 1: pt2 keeps the batch dim dynamic
         outcome.model_uri = tracker.log_model(run_id, model, example)

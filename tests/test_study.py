@@ -201,3 +201,23 @@ def test_read_commands_reject_unknown_names(synthetic_env, tmp_path, tiny_sweep)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     proc = run_cli("evaluate", "--run-id", "0123abc", env=synthetic_env, check=False)
     assert "trial-0" in proc.stderr  # lists the runs that exist
+
+
+def test_epoch_metrics_are_written_together(tmp_path, monkeypatch):
+    """Per-epoch metrics wait in the tracker until the flush interval or the run's end."""
+    from mnist_tune import tracking
+
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = tracker.start_run(tracker.experiment("batching"), "run")
+
+    def history():
+        return [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "val_acc")]
+
+    for epoch in (1, 2):
+        tracker.queue_metrics(run_id, {"val_acc": epoch / 10}, step=epoch)
+    assert history() == []
+    tracker.flush_metrics(run_id)
+    assert history() == [(1, 0.1), (2, 0.2)]
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)  # a slow epoch: due at once
+    tracker.queue_metrics(run_id, {"val_acc": 0.3}, step=3)
+    assert history() == [(1, 0.1), (2, 0.2), (3, 0.3)]
