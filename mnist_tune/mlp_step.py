@@ -17,16 +17,17 @@ Per hidden layer (z = h W^T + b, then ReLU, then inverted dropout with keep-prob
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mnist_tune.models import MLP, MNIST_MEAN, MNIST_STD
+from mnist_tune.models import MLP, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 
 
 class ExplicitMLPStep:
     """Callable ``step(rows, onehot) -> summed loss`` for one MLP; fills each parameter's ``.grad``.
 
-    ``rows`` are uint8 images gathered from ``prepare(images_u8)`` (flattened to (N, 784));
-    ``onehot`` are the float one-hot targets. The ``.grad`` tensors must exist (FlatAdamW
+    ``rows`` and ``onehot`` are gathered from what ``prepare(images_u8, labels)`` returns:
+    uint8 images flattened to (N, 784) and float one-hot targets. The ``.grad`` tensors must exist (FlatAdamW
     presets them) and are overwritten, not added to.
     """
 
@@ -41,8 +42,9 @@ class ExplicitMLPStep:
     def supports(model: nn.Module) -> bool:
         return type(model) is MLP
 
-    def prepare(self, images_u8: torch.Tensor) -> torch.Tensor:
-        return images_u8.flatten(1)  # (N, 784) uint8 view: batches are normalised as they are used
+    def prepare(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 784) uint8 view (batches are normalised as they are used), float one-hot targets."""
+        return images_u8.flatten(1), F.one_hot(labels, NUM_CLASSES).float()
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,13 @@ class FlatAdamW:
     saved model holds only its own tensors.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], weight_decay: float = 0.0):
+    def __init__(self, params: Iterable[nn.Parameter], weight_decay: float = 0.0, fused: bool | None = None):
         self.params = [p for p in params if p.requires_grad]
         self.weight_decay = weight_decay
         with torch.no_grad():
             self.flat = torch.cat([p.reshape(-1) for p in self.params])
+        # The fused kernel exists for CPU and CUDA; elsewhere (mps) the same update in plain ops.
+        self.fused = self.flat.device.type in ("cpu", "cuda") if fused is None else fused
         self.grad = torch.zeros_like(self.flat)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
@@ -56,9 +58,17 @@ class FlatAdamW:
 
     def step(self, lr: float, beta1: float = BETA1) -> None:
         self.steps += 1
-        torch._fused_adamw_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
-                            lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS,
-                            amsgrad=False, maximize=False)
+        if self.fused:
+            torch._fused_adamw_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
+                                lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS,
+                                amsgrad=False, maximize=False)
+            return
+        t = self.steps.item()
+        self.flat.mul_(1 - lr * self.weight_decay)
+        self.exp_avg.lerp_(self.grad, 1 - beta1)
+        self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - BETA2 ** t)).add_(EPS)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** t))
 
     def release(self) -> None:
         for p in self.params:

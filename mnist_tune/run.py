@@ -80,9 +80,14 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
         epochs.close()
         tracker.flush_metrics(run_id)  # every epoch trained, also when pruned or failed
     if log_model:
-        example = as_input(data.test_x[:4].cpu()).numpy()  # batch > 1: pt2 keeps the batch dim dynamic
-        outcome.model_uri = tracker.log_model(run_id, model, example)
+        outcome.model_uri = tracker.log_model(run_id, model, input_example(data))
     return outcome
+
+
+def input_example(data: MNISTSplits):
+    """Four test images as the logged model's input example (batch > 1: pt2 keeps the batch
+    dimension dynamic)."""
+    return as_input(data.test_x[:4].cpu()).numpy()
 
 
 def check_model_hp(model_name: str, model_hp: dict) -> None:

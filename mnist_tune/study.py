@@ -31,7 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.progress import bar
-from mnist_tune.run import Diverged, split_hyperparameters, train_and_log
+from mnist_tune.models import build_model
+from mnist_tune.run import Diverged, input_example, split_hyperparameters, train_and_log
 from mnist_tune.space import grid, suggest
 from mnist_tune.tracking import Tracker, default_home, redact
 
@@ -408,6 +409,8 @@ class Worker:
         trials_bar = bar(self.settings.trials, f"study {self.name}", "trial", initial=min(count.finished,
                                                                                              self.settings.trials))
         self.study.set_user_attr("budget", self.settings.trials)  # for `mnist-tune status`
+        if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
+            self.tracker.warm_up_model_logging(build_model(self.sweep.model), input_example(self.data))
         handlers = self._install_signal_handlers()
         try:
             while not self.stop_requested:

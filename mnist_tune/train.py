@@ -1,10 +1,12 @@
 """One training run: ``fit(model, data, hp, device, on_epoch)``. No Optuna, no MLflow.
 
 The data set lives on the device as uint8 and is iterated by a shuffled index (no DataLoader,
-no per-sample transforms): each step is one gather, one uint8->float conversion and the model.
-The loss is summed on the device and read back once per epoch, so a GPU never syncs per step.
+no per-sample transforms): each step is one gather, one uint8->float conversion, the model's
+forward and backward (by hand for the MLP, mlp_step.py; autograd otherwise) and one fused
+AdamW call over all parameters (optim.py). The loss is summed on the device and read back
+once per epoch, so a GPU never syncs per step.
 
-    hp = TrainConfig(batch_size=100, lr=1e-3, dropout=0.2, epochs=10)
+    hp = TrainConfig(batch_size=100, lr=1e-3, epochs=10)
     result = fit(build_model("mlp", dropout=0.2), load_mnist(), hp, resolve_device("cpu"))
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
-from mnist_tune.models import NUM_CLASSES, as_input
+from mnist_tune.models import as_input
 from mnist_tune.optim import FlatAdamW, schedule_table
 
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -120,7 +122,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 class AutogradStep:
-    """``step(rows, onehot) -> summed batch loss``, gradients left in ``optimizer.grad``.
+    """``step(rows, labels) -> summed batch loss``, gradients left in ``optimizer.grad``.
 
     The general path: any model, optional bf16 autocast and torch.compile. The training
     images stay uint8 on the device and each batch is converted as it is gathered.
@@ -132,14 +134,14 @@ class AutogradStep:
         device_type = next(model.parameters()).device.type
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=hp.amp)
 
-    def prepare(self, images_u8: torch.Tensor) -> torch.Tensor:
-        return images_u8
+    def prepare(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images_u8, labels
 
-    def __call__(self, rows: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad()
         with self.autocast:
             logits = self.forward(as_input(rows))
-        loss = F.cross_entropy(logits.float(), onehot)
+        loss = F.cross_entropy(logits.float(), labels)
         loss.backward()
         return loss.detach() * len(rows)
 
@@ -163,14 +165,13 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
     model.to(device).train()
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
-    train_onehot = F.one_hot(train_y, NUM_CLASSES).float()  # targets as the loss wants them, made once
     n = len(train_x)
     steps = math.ceil(n / hp.batch_size)
     # AdamW: the seed's Adam with decoupled weight decay; lr (and beta1) follow a precomputed table.
     optimizer = FlatAdamW(model.parameters(), hp.weight_decay)
     lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
     train_step = _make_train_step(model, hp, optimizer)
-    train_inputs = train_step.prepare(train_x)  # what each batch is gathered from
+    train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
     shuffle = torch.Generator(device=device).manual_seed(hp.seed)
     result = FitResult(status="completed")
     step = 0
@@ -181,7 +182,7 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
             loss_sum = torch.zeros((), device=device)
             for batch in order.split(hp.batch_size):
                 # index_select: a plain gather, measurably cheaper than advanced indexing per step
-                loss_sum += train_step(train_inputs.index_select(0, batch), train_onehot.index_select(0, batch))
+                loss_sum += train_step(train_inputs.index_select(0, batch), train_targets.index_select(0, batch))
                 optimizer.step(lrs[step], beta1s[step])
                 step += 1
             train_loss = loss_sum.item() / n  # the one host sync of the epoch

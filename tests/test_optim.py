@@ -37,9 +37,10 @@ def test_schedule_table_equals_torch_schedulers(schedule):
         assert beta1s[0] == pytest.approx(0.95) and beta1s[30] < 0.851
 
 
-def test_flat_adamw_matches_torch_adamw():
+@pytest.mark.parametrize("fused", [True, False])  # unfused: the path for devices without the kernel
+def test_flat_adamw_matches_torch_adamw(fused):
     ours, reference = _net(), _net()
-    flat = FlatAdamW(ours.parameters(), weight_decay=0.05)
+    flat = FlatAdamW(ours.parameters(), weight_decay=0.05, fused=fused)
     torch_opt = torch.optim.AdamW(reference.parameters(), weight_decay=0.05)
     lrs, beta1s = schedule_table("onecycle", 1e-2, 20)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(torch_opt, max_lr=1e-2, total_steps=20)
