@@ -72,7 +72,7 @@ def test_three_workers_share_one_budget(worker_env, postgres_db, mlflow_server):
 
 
 def test_killed_worker_trial_is_failed_retried_and_run_closed(worker_env, postgres_db, mlflow_server):
-    fast_beat = ["--heartbeat-interval", 1, "--grace-period", 3, "--epochs", 60]
+    fast_beat = ["--heartbeat-interval", 1, "--grace-period", 3, "--epochs", 300]
     victim = start_worker(worker_env, "--trials", 3, *fast_beat)
     doomed = wait_for_running_trial(postgres_db, "multi")
     victim.kill()  # SIGKILL: no handler runs, the trial and its run stay RUNNING
@@ -102,7 +102,7 @@ def test_killed_worker_trial_is_failed_retried_and_run_closed(worker_env, postgr
 
 @pytest.mark.parametrize("finish", [False, True])
 def test_sigterm_stops_cleanly(worker_env, postgres_db, mlflow_server, finish):
-    args = ["--trials", 5, "--epochs", 40] + (["--finish-trial-on-signal"] if finish else [])
+    args = ["--trials", 5, "--epochs", 300] + (["--finish-trial-on-signal"] if finish else [])
     worker = start_worker(worker_env, *args)
     trial = wait_for_running_trial(postgres_db, "multi")
     sent = time.monotonic()
@@ -174,10 +174,10 @@ def test_status_shows_live_workers(worker_env, postgres_db):
 def test_sqlite_refuses_a_second_live_worker(synthetic_env, tmp_path):
     (tmp_path / "multi.yaml").write_text(WORKER_SWEEP)
     env = {**synthetic_env, "OMP_NUM_THREADS": "1"}
-    first = start_worker(env, "--trials", 2, "--epochs", 60, "--heartbeat-interval", 1, "--grace-period", 3)
+    first = start_worker(env, "--trials", 2, "--epochs", 2000, "--heartbeat-interval", 1, "--grace-period", 3)
     try:
         wait_for_running_trial(f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", "multi")
-        proc = run_cli("study", "--sweep", "multi.yaml", "--trials", "2", "--epochs", "60", env=env, check=False)
+        proc = run_cli("study", "--sweep", "multi.yaml", "--trials", "2", "--epochs", "2000", env=env, check=False)
         assert proc.returncode == 2 and "run parallel workers against PostgreSQL" in proc.stderr
         assert proc.stderr.count("\n") == 1
     finally:
