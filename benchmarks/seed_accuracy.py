@@ -20,7 +20,7 @@ from mnist_tune.models import build_model
 from mnist_tune.train import TrainConfig, evaluate, fit, seed_everything
 
 
-def test_accuracy(splits, seed: int, epochs: int) -> tuple[float, float]:
+def train_and_test(splits, seed: int, epochs: int) -> tuple[float, float]:
     seed_everything(seed)
     model = build_model("mlp", dropout=0.2)
     result = fit(model, splits, TrainConfig(batch_size=100, lr=1e-3, epochs=epochs, schedule="onecycle", seed=seed),
@@ -39,7 +39,7 @@ def main() -> None:
     for path in ("explicit", "autograd"):
         if path == "autograd":  # route the MLP through the general autograd step
             ExplicitMLPStep.supports = staticmethod(lambda model: False)
-        runs = [test_accuracy(splits, seed, args.epochs) for seed in range(args.seeds)]
+        runs = [train_and_test(splits, seed, args.epochs) for seed in range(args.seeds)]
         accs = [100 * a for a, _ in runs]
         print(f"{path:9} {' '.join(f'{a:.2f}' for a in accs):48} {statistics.mean(accs):7.2f} "
               f"{statistics.stdev(accs) if len(accs) > 1 else 0:6.2f} {statistics.median(s for _, s in runs):8.3f}",

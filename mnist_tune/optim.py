@@ -4,7 +4,7 @@ Why not ``torch.optim.AdamW`` + an ``lr_scheduler``: at batch 100 an MLP epoch i
 of ~0.5 ms each, and the optimizer's and scheduler's per-call Python bookkeeping costs
 ~0.15 ms of that. Here the parameters live in one buffer, so a step is one call of the same
 fused kernel ``AdamW(fused=True)`` runs, and the schedule is a table computed before training
-(the values of torch's ``CosineAnnealingLR`` / ``OneCycleLR``, checked in tests/test_train.py).
+(the values of torch's ``CosineAnnealingLR`` / ``OneCycleLR``, checked in tests/test_optim.py).
 
     optimizer = FlatAdamW(model.parameters(), weight_decay=0.01)
     lrs, beta1s = schedule_table("onecycle", lr=1e-3, total_steps=5500)
@@ -40,12 +40,13 @@ class FlatAdamW:
         self.weight_decay = weight_decay
         with torch.no_grad():
             self.flat = torch.cat([p.reshape(-1) for p in self.params])
-        # The fused kernel exists for CPU and CUDA; elsewhere (mps) the same update in plain ops.
-        self.fused = self.flat.device.type in ("cpu", "cuda") if fused is None else fused
+        # torch's fused AdamW kernel covers CPU, CUDA and MPS; elsewhere the same update in plain ops.
+        self.fused = self.flat.device.type in ("cpu", "cuda", "mps") if fused is None else fused
         self.grad = torch.zeros_like(self.flat)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
-        self.steps = torch.zeros((), dtype=torch.float32, device=self.flat.device)
+        self.steps = torch.zeros((), dtype=torch.float32, device=self.flat.device)  # the kernel wants a tensor
+        self.step_count = 0  # the same count on the host: no device read-back per step
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -57,13 +58,14 @@ class FlatAdamW:
         self.grad.zero_()
 
     def step(self, lr: float, beta1: float = BETA1) -> None:
-        self.steps += 1
+        self.step_count += 1
         if self.fused:
+            self.steps += 1
             torch._fused_adamw_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
                                 lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS,
                                 amsgrad=False, maximize=False)
             return
-        t = self.steps.item()
+        t = self.step_count
         self.flat.mul_(1 - lr * self.weight_decay)
         self.exp_avg.lerp_(self.grad, 1 - beta1)
         self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)

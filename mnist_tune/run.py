@@ -7,16 +7,18 @@ knows whether the run was pruned, failed or finished.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
 
 from mnist_tune.data import MNISTSplits
-from mnist_tune.models import build_model
+from mnist_tune.models import as_input, build_model
 from mnist_tune.progress import bar
 from mnist_tune.tracking import Tracker
-from mnist_tune.train import EpochMetrics, FitResult, TrainConfig, as_input, evaluate, fit, seed_everything
+from mnist_tune.train import EpochMetrics, FitResult, TrainConfig, evaluate, fit, seed_everything
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -78,10 +80,22 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
         tracker.queue_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
     finally:
         epochs.close()
-        tracker.flush_metrics(run_id)  # every epoch trained, also when pruned or failed
+        _flush_epoch_metrics(tracker, run_id)
     if log_model:
         outcome.model_uri = tracker.log_model(run_id, model, input_example(data))
     return outcome
+
+
+def _flush_epoch_metrics(tracker: Tracker, run_id: str) -> None:
+    """Write every epoch trained, also when the run was pruned or failed; a failing write then
+    only warns, so it does not replace the reason the run ended."""
+    ending_with = sys.exc_info()[1]
+    try:
+        tracker.flush_metrics(run_id)
+    except Exception as e:
+        if ending_with is None:
+            raise
+        warnings.warn(f"run {run_id}: could not write its epoch metrics ({e}) while it ended with {ending_with!r}")
 
 
 def input_example(data: MNISTSplits):

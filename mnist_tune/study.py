@@ -30,8 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.progress import bar
 from mnist_tune.models import build_model
+from mnist_tune.progress import bar
 from mnist_tune.run import Diverged, input_example, split_hyperparameters, train_and_log
 from mnist_tune.space import grid, suggest
 from mnist_tune.tracking import Tracker, default_home, redact
@@ -409,10 +409,10 @@ class Worker:
         trials_bar = bar(self.settings.trials, f"study {self.name}", "trial", initial=min(count.finished,
                                                                                              self.settings.trials))
         self.study.set_user_attr("budget", self.settings.trials)  # for `mnist-tune status`
-        if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
-            self.tracker.warm_up_model_logging(build_model(self.sweep.model), input_example(self.data))
         handlers = self._install_signal_handlers()
         try:
+            if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
+                self._warm_up_model_logging()
             while not self.stop_requested:
                 if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
                     break
@@ -438,6 +438,12 @@ class Worker:
         if self.stop_requested:
             raise Interrupted("stopped after finishing the current trial, as asked", self.stop_requested)
         return count_budget(self.study.get_trials(deepcopy=False))
+
+    def _warm_up_model_logging(self) -> None:
+        try:
+            self.tracker.warm_up_model_logging(build_model(self.sweep.model), input_example(self.data))
+        except Exception as e:  # every trial's model would fail the same way: stop before training
+            raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {_first_line(e)}") from e
 
     def _install_signal_handlers(self) -> dict:
         """SIGTERM/SIGINT interrupt the current trial (it ends FAIL, its run KILLED) — or, with

@@ -41,8 +41,9 @@ MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
 CHAMPION = "champion"
 # Logged explicitly: inferring requirements costs 10-25 s per log_model call here.
 MODEL_REQUIREMENTS = ["torch", "numpy"]
-# Per-epoch metrics reach the store at most this late: an MLP epoch takes ~0.4 s and a store
-# write ~7 ms, so writing every epoch at once would cost ~2 % of a trial.
+# Per-epoch metrics are written together at most this often (and when the run ends): an MLP
+# epoch takes ~0.4 s and a store write ~7 ms, so a write per epoch would cost ~2 % of a trial.
+# An epoch longer than this is written as soon as it ends.
 METRICS_FLUSH_SECONDS = 10.0
 
 
@@ -153,6 +154,7 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests by
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        self._flushed_at[run.info.run_id] = time.monotonic()  # the metrics flush clock starts now
         return run.info.run_id
 
     @_timed
@@ -161,7 +163,7 @@ class Tracker:
 
     @_timed
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        """All metrics of one step in one call: per epoch, never per batch."""
+        """All metrics of one step, written now (summaries; per-epoch metrics use queue_metrics)."""
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -171,16 +173,18 @@ class Tracker:
         now = int(time.time() * 1000)
         queue = self._queued.setdefault(run_id, [])
         queue.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        last = self._flushed_at.setdefault(run_id, time.monotonic())
+        last = self._flushed_at.get(run_id, float("-inf"))
         if time.monotonic() - last >= METRICS_FLUSH_SECONDS or len(queue) >= 500:  # log_batch takes 1000
             self.flush_metrics(run_id)
 
     @_timed
     def flush_metrics(self, run_id: str) -> None:
-        queue = self._queued.pop(run_id, [])
-        self._flushed_at[run_id] = time.monotonic()
+        """Write the queued metrics; they stay queued if the write fails."""
+        queue = self._queued.get(run_id)
         if queue:
             self.client.log_batch(run_id, metrics=queue)
+        self._queued.pop(run_id, None)
+        self._flushed_at[run_id] = time.monotonic()
 
     @_timed
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
@@ -194,6 +198,7 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(run_id, status=status)
+        self._flushed_at.pop(run_id, None)
 
     @_timed
     def get_run(self, run_id: str):
@@ -282,12 +287,14 @@ class Tracker:
 
         The first pt2 save in a process imports torch.export and has MLflow scan the installed
         packages (~2.5 s here; later saves ~0.14 s): paid here, once, it is not charged to the
-        first trial that completes, and a model that cannot be exported fails before training.
+        first trial that completes, and an architecture that cannot be exported at all fails
+        before any training (other shapes of it are still exported per trial).
         """
         with tempfile.TemporaryDirectory() as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **self._model_options(model, example))
 
     def _model_options(self, model, example) -> dict:
+        """log_model/save_model arguments. Moves ``model`` to the CPU in eval mode (what is saved)."""
         import torch
         from mlflow.models import infer_signature
 

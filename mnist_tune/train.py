@@ -169,13 +169,13 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
     steps = math.ceil(n / hp.batch_size)
     # AdamW: the seed's Adam with decoupled weight decay; lr (and beta1) follow a precomputed table.
     optimizer = FlatAdamW(model.parameters(), hp.weight_decay)
-    lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
-    train_step = _make_train_step(model, hp, optimizer)
-    train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
-    shuffle = torch.Generator(device=device).manual_seed(hp.seed)
-    result = FitResult(status="completed")
-    step = 0
     try:
+        lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
+        train_step = _make_train_step(model, hp, optimizer)
+        train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
+        shuffle = torch.Generator(device=device).manual_seed(hp.seed)
+        result = FitResult(status="completed")
+        step = 0
         for epoch in range(1, hp.epochs + 1):
             started = time.perf_counter()
             order = torch.randperm(n, device=device, generator=shuffle)

@@ -223,17 +223,20 @@ def test_epoch_metrics_are_written_together(tmp_path, monkeypatch):
     assert history() == [(1, 0.1), (2, 0.2), (3, 0.3)]
 
 
-def test_model_logging_warm_up_writes_nothing(tmp_path):
+def test_model_logging_warm_up_writes_nothing(tmp_path, monkeypatch):
     """The study's one-time export warm-up saves to a throwaway folder, not into the store."""
+    import tempfile
+
     import torch
 
     from mnist_tune import tracking
     from mnist_tune.models import as_input, build_model
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the throwaway folder goes here
     tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     experiment_id = tracker.experiment("warm-up")
     example = as_input(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)).numpy()
     tracker.warm_up_model_logging(build_model("mixer", patch_size=7, dim=16, depth=1), example)
     assert tracker.seconds_by_call["warm_up_model_logging"] > 0
     assert tracker.client.search_runs([experiment_id]) == []
-    assert not list(tmp_path.glob("**/MLmodel"))
+    assert not list(tmp_path.glob("**/MLmodel"))  # the throwaway copy is gone, nothing else written
