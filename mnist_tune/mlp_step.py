@@ -30,8 +30,8 @@ class ExplicitMLPStep:
     """Callable ``step(rows, onehot) -> summed loss`` for one MLP; fills each parameter's ``.grad``.
 
     ``rows`` and ``onehot`` are gathered from what ``prepare(images_u8, labels)`` returns:
-    uint8 images flattened to (N, 784) and float one-hot targets. The ``.grad`` tensors must exist (FlatAdamW
-    presets them) and are overwritten, not added to.
+    uint8 images flattened to (N, 784) and float one-hot targets. The ``.grad`` tensors must
+    exist (FlatAdamW presets them) and are overwritten, not added to.
     """
 
     def __init__(self, model: MLP):
