@@ -90,13 +90,15 @@ def _hidden_sizes(ctx, param, value):
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--amp", is_flag=True, help="bf16 autocast (CUDA; CPUs with bf16 units).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (pays off on long GPU runs).")
+@click.option("--cuda-graph/--no-cuda-graph", default=True,
+              help="On CUDA, replay each training step as a recorded CUDA graph (not with --compile).")
 @click.option("--experiment", default="mnist-tune-train", help="MLflow experiment for the run.")
 @click.option("--run-name", default=None)
 @data_dir_option
 @tracking_option
 def train(model_name, batch_size, lr, dropout, weight_decay, schedule, epochs, seed, val_size, hidden_sizes,
-          patch_size, dim, depth, token_expansion, channel_expansion, device, amp, compile_model, experiment,
-          run_name, data_dir, tracking_uri):
+          patch_size, dim, depth, token_expansion, channel_expansion, device, amp, compile_model, cuda_graph,
+          experiment, run_name, data_dir, tracking_uri):
     """Train one model with explicit hyperparameters, tracked as one MLflow run."""
     from mnist_tune.data import load_mnist
     from mnist_tune.run import Diverged, check_model_hp, train_and_log
@@ -116,7 +118,8 @@ def train(model_name, batch_size, lr, dropout, weight_decay, schedule, epochs, s
         model_hp[key] = value
     # Validate everything before any data is fetched or anything is written.
     hp = TrainConfig(batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                     epochs=epochs, seed=seed, amp=amp, compile=compile_model)
+                     epochs=epochs, seed=seed, amp=amp, compile=compile_model,
+                     cuda_graph=cuda_graph)
     check_model_hp(model_name, model_hp)
     torch_device = resolve_device(device)
     tracker = Tracker(tracking_uri)  # checks the server is reachable; writes nothing yet

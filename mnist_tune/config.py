@@ -50,7 +50,7 @@ METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
 # Hyperparameters each model accepts (besides the TrainConfig ones, shared by both).
 MODEL_PARAMS = {"mlp": {"dropout", "hidden_sizes", "width", "depth"},
                 "mixer": {"dropout", "patch_size", "dim", "depth", "token_expansion", "channel_expansion"}}
-TRAIN_PARAMS = {"batch_size", "lr", "weight_decay", "schedule", "amp", "compile"}
+TRAIN_PARAMS = {"batch_size", "lr", "weight_decay", "schedule", "amp", "compile", "cuda_graph"}
 TOP_KEYS = {"name", "model", "description", "study", "train", "fixed", "space"}
 STUDY_KEYS = {"direction", "metric", "sampler", "pruner"}
 TRAIN_KEYS = {"epochs", "val_size", "seed"}

@@ -72,6 +72,24 @@ class FlatAdamW:
         denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - BETA2 ** t)).add_(EPS)
         self.flat.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** t))
 
+    def schedule_rows(self, lrs: list[float], beta1s: list[float]) -> torch.Tensor:
+        """The whole schedule as one device tensor, a row of step coefficients per step, for
+        ``step_with``: an update that reads its scalars from the device (a CUDA graph replays
+        the same kernels every step, so the per-step lr, beta1 and bias corrections cannot be
+        host numbers baked into the launch)."""
+        rows = [(1 - lr * self.weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t))
+                for t, (lr, beta1) in enumerate(zip(lrs, beta1s), start=self.step_count + 1)]
+        return torch.tensor(rows, dtype=torch.float32, device=self.flat.device)
+
+    def step_with(self, row: torch.Tensor) -> None:
+        """The AdamW update of ``step`` with its scalars taken from a ``schedule_rows`` row."""
+        decay, one_minus_beta1, step_size, inv_bias_correction2 = row.unbind()
+        self.flat.mul_(decay)
+        self.exp_avg.lerp_(self.grad, one_minus_beta1)
+        self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)
+        denom = self.exp_avg_sq.sqrt().mul_(inv_bias_correction2).add_(EPS)
+        self.flat.add_(self.exp_avg.div(denom).mul_(step_size))
+
     def release(self) -> None:
         for p in self.params:
             p.data = p.data.clone()

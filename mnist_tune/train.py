@@ -3,8 +3,9 @@
 The data set lives on the device as uint8 and is iterated by a shuffled index (no DataLoader,
 no per-sample transforms): each step is one gather, one uint8->float conversion, the model's
 forward and backward (by hand for the MLP, mlp_step.py; autograd otherwise) and one fused
-AdamW call over all parameters (optim.py). The loss is summed on the device and read back
-once per epoch, so a GPU never syncs per step.
+AdamW call over all parameters (optim.py); on CUDA the whole step is replayed as one CUDA
+graph (steps.py). The loss is summed on the device and read back once per epoch, so a GPU
+never syncs per step.
 
     hp = TrainConfig(batch_size=100, lr=1e-3, epochs=10)
     result = fit(build_model("mlp", dropout=0.2), load_mnist(), hp, resolve_device("cpu"))
@@ -26,6 +27,7 @@ from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
 from mnist_tune.models import as_input
 from mnist_tune.optim import FlatAdamW, schedule_table
+from mnist_tune.steps import EagerSteps, GraphedSteps
 
 SCHEDULES = ("constant", "cosine", "onecycle")
 EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hundreds of steps
@@ -43,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False  # bf16 autocast: for CUDA (and CPUs with bf16 units); off by default
     compile: bool = False  # torch.compile the model: pays off for long runs on GPUs (compile ~20 s)
+    cuda_graph: bool = True  # on CUDA, replay each step as one recorded graph (steps.py); not with compile
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -132,7 +135,8 @@ class AutogradStep:
         self.forward = torch.compile(model) if hp.compile else model
         self.optimizer = optimizer
         device_type = next(model.parameters()).device.type
-        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=hp.amp)
+        # no weight-cast cache: it is not allowed inside a CUDA graph, and each weight is cast once per step anyway
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=hp.amp, cache_enabled=False)
 
     def prepare(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images_u8, labels
@@ -173,17 +177,21 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
         lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
         train_step = _make_train_step(model, hp, optimizer)
         train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
+        loss_sum = torch.zeros((), device=device)  # one buffer: a CUDA graph adds into it
+        if device.type == "cuda" and hp.cuda_graph and not hp.compile:
+            run_step = GraphedSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum,
+                                    hp.batch_size)
+        else:
+            run_step = EagerSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum)
         shuffle = torch.Generator(device=device).manual_seed(hp.seed)
         result = FitResult(status="completed")
         step = 0
         for epoch in range(1, hp.epochs + 1):
             started = time.perf_counter()
             order = torch.randperm(n, device=device, generator=shuffle)
-            loss_sum = torch.zeros((), device=device)
+            loss_sum.zero_()
             for batch in order.split(hp.batch_size):
-                # index_select: a plain gather, measurably cheaper than advanced indexing per step
-                loss_sum += train_step(train_inputs.index_select(0, batch), train_targets.index_select(0, batch))
-                optimizer.step(lrs[step], beta1s[step])
+                run_step(batch, step)
                 step += 1
             train_loss = loss_sum.item() / n  # the one host sync of the epoch
             if not math.isfinite(train_loss):

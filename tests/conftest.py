@@ -10,10 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mnist_tune.data import MNIST_MD5, write_idx
 
 REPO = Path(__file__).resolve().parent.parent
+# Device-agnostic code paths run on every device this machine has: the CPU everywhere (CI),
+# plus CUDA / MPS where present, so a GPU machine runs the same tests on its device.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
+    ["mps"] if torch.backends.mps.is_available() else [])
 CLI = [sys.executable, "-m", "mnist_tune"]
 
 

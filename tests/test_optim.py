@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from mnist_tune.optim import FlatAdamW, schedule_table
 
 
-def _net():
+def _net(device="cpu"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(device)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
@@ -37,14 +38,15 @@ def test_schedule_table_equals_torch_schedulers(schedule):
         assert beta1s[0] == pytest.approx(0.95) and beta1s[30] < 0.851
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [True, False])  # unfused: the path for devices without the kernel
-def test_flat_adamw_matches_torch_adamw(fused):
-    ours, reference = _net(), _net()
+def test_flat_adamw_matches_torch_adamw(fused, device):
+    ours, reference = _net(device), _net(device)
     flat = FlatAdamW(ours.parameters(), weight_decay=0.05, fused=fused)
     torch_opt = torch.optim.AdamW(reference.parameters(), weight_decay=0.05)
     lrs, beta1s = schedule_table("onecycle", 1e-2, 20)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(torch_opt, max_lr=1e-2, total_steps=20)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    x, y = torch.randn(32, 6).to(device), torch.randint(0, 3, (32,)).to(device)
     for t in range(20):
         flat.zero_grad()
         nn.functional.cross_entropy(ours(x), y).backward()  # accumulates into flat.grad in place
@@ -56,7 +58,7 @@ def test_flat_adamw_matches_torch_adamw(fused):
             scheduler.step()
     for p, q in zip(ours.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(ours[0].weight, _net()[0].weight)  # it trained
+    assert not torch.equal(ours[0].weight, _net(device)[0].weight)  # it trained
 
 
 def test_release_gives_parameters_their_own_storage():
@@ -68,3 +70,23 @@ def test_release_gives_parameters_their_own_storage():
     for p, b in zip(net.parameters(), before):
         assert torch.equal(p, b) and p.grad is None
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size()  # saves only itself
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_with_schedule_rows_equals_step(device):
+    """The device-table update (what a CUDA graph replays) is step(lr, beta1), weight decay,
+    varying beta1 and bias corrections included."""
+    lrs, beta1s = schedule_table("onecycle", 1e-2, 20)
+    x, y = torch.randn(32, 6).to(device), torch.randint(0, 3, (32,)).to(device)
+    trained = []
+    for use_rows in (False, True):
+        net = _net(device)
+        flat = FlatAdamW(net.parameters(), weight_decay=0.05, fused=False)
+        rows = flat.schedule_rows(lrs, beta1s)
+        for t in range(20):
+            flat.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            flat.step_with(rows[t]) if use_rows else flat.step(lrs[t], beta1s[t])
+        trained.append(flat.flat.clone())
+    torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(trained[0], torch.cat([p.detach().reshape(-1) for p in _net(device).parameters()]))

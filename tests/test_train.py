@@ -2,11 +2,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
 from mnist_tune.models import as_input, build_model
-from mnist_tune.optim import FlatAdamW
+from mnist_tune.optim import FlatAdamW, schedule_table
+from mnist_tune.steps import EagerSteps, GraphedSteps
 from mnist_tune.train import (AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device,
                               seed_everything)
 
@@ -16,21 +18,22 @@ def splits(synthetic_env, tmp_path):
     return load_mnist(tmp_path / "data", val_size=200, seed=0)
 
 
-def _train(splits, model_hp=None, **kw):
+def _train(splits, model_hp=None, device="cpu", **kw):
     hp = TrainConfig(**{"batch_size": 50, "epochs": 2, "lr": 3e-3, **kw})
     seed_everything(hp.seed)
     model = build_model("mlp", **(model_hp or {}))
     seen = []
-    result = fit(model, splits, hp, torch.device("cpu"), on_epoch=lambda e, m: seen.append((e, m)))
+    result = fit(model, splits, hp, torch.device(device), on_epoch=lambda e, m: seen.append((e, m)))
     return model, result, seen
 
 
-def test_fit_learns_and_reports_every_epoch(splits):
-    model, result, seen = _train(splits, epochs=3, schedule="cosine", weight_decay=1e-4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_learns_and_reports_every_epoch(splits, device):
+    model, result, seen = _train(splits, device=device, epochs=3, schedule="cosine", weight_decay=1e-4)
     assert result.status == "completed" and [e for e, _ in seen] == [1, 2, 3]
     assert all(m.epoch_seconds > 0 and m.val_loss > 0 for _, m in seen)
     assert seen[-1][1].val_acc > 0.9  # the synthetic classes are easy
-    assert evaluate(model, splits.test_x, splits.test_y)[1] > 0.9
+    assert evaluate(model, splits.test_x.to(device), splits.test_y.to(device))[1] > 0.9
 
 
 def test_fit_is_deterministic_on_cpu(splits):
@@ -92,9 +95,10 @@ def test_seed_configuration_on_real_mnist(real_mnist_dir):
     assert evaluate(model, splits.test_x, splits.test_y)[1] >= 0.975
 
 
-def test_amp_path_runs_on_cpu(splits):
-    """The bf16 autocast path (meant for CUDA) is device-agnostic code: exercised here on CPU."""
-    model, result, seen = _train(splits, amp=True, epochs=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_path_runs(splits, device):
+    """The bf16 autocast path (meant for CUDA) is device-agnostic code: exercised on CPU too."""
+    model, result, seen = _train(splits, device=device, amp=True, epochs=2)
     assert result.status == "completed" and seen[-1][1].val_acc > 0.8
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
@@ -107,14 +111,15 @@ def test_compile_path_matches_eager(splits):
     assert compiled.history[0].val_acc == pytest.approx(eager.history[0].val_acc, abs=0.02)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hp", [{"dropout": 0.3}, {"dropout": 0.0}, {"hidden_sizes": (40, 30, 20), "dropout": 0.5}])
-def test_explicit_mlp_step_equals_autograd(hp):
+def test_explicit_mlp_step_equals_autograd(hp, device):
     """Same loss and the same gradient for every parameter as autograd on the model itself."""
     torch.manual_seed(0)
-    model = build_model("mlp", **hp).train()
+    model = build_model("mlp", **hp).to(device).train()
     optimizer = FlatAdamW(model.parameters())
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (64,))
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (64,)).to(device)
     step = ExplicitMLPStep(model)
 
     torch.manual_seed(1)
@@ -139,11 +144,12 @@ def test_explicit_mlp_step_equals_autograd(hp):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_explicit_and_autograd_paths_train_alike(splits, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_and_autograd_paths_train_alike(splits, monkeypatch, device):
     """Without dropout there is no randomness besides the shuffle: both paths take the same steps
     (batch 64 leaves a partial last batch each epoch)."""
     settings = {"model_hp": {"dropout": 0.0}, "seed": 3, "schedule": "onecycle", "weight_decay": 1e-3,
-                "batch_size": 64}
+                "batch_size": 64, "device": device}
     _, explicit, _ = _train(splits, **settings)
     monkeypatch.setattr(ExplicitMLPStep, "supports", staticmethod(lambda model: False))
     _, autograd, _ = _train(splits, **settings)
@@ -163,3 +169,48 @@ def test_train_step_choice():
     assert isinstance(_make_train_step(mixer, TrainConfig(), FlatAdamW(mixer.parameters())), AutogradStep)
     with pytest.raises(ValueError, match="FlatAdamW first"):  # it writes into preset .grad views
         ExplicitMLPStep(build_model("mlp"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_name, model_hp", [("mlp", {"dropout": 0.0}),
+                                                  ("mixer", {"patch_size": 7, "dim": 16, "depth": 1, "dropout": 0.0})])
+def test_graphed_steps_train_like_eager_steps(model_name, model_hp, device):
+    """The CUDA-graph runner (optimizer coefficients read from a device table, batches copied
+    into a static buffer, a short last batch run eagerly) takes the same steps as the eager
+    runner. On CUDA the step is really recorded and replayed; elsewhere the same code runs
+    unrecorded."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (200,), device=device)
+    lrs, beta1s = schedule_table("onecycle", 3e-3, 8)
+    results = []
+    for runner in (EagerSteps, GraphedSteps):
+        torch.manual_seed(1)
+        model = build_model(model_name, **model_hp).to(device).train()
+        # the unfused update: the same arithmetic as the graph's (fused vs unfused: test_optim.py)
+        optimizer = FlatAdamW(model.parameters(), weight_decay=0.01, fused=False)
+        initial = optimizer.flat.clone()
+        train_step = _make_train_step(model, TrainConfig(), optimizer)
+        inputs, targets = train_step.prepare(images, labels)
+        loss_sum = torch.zeros((), device=device)
+        extra = {"batch_size": 64, "capture": device == "cuda"} if runner is GraphedSteps else {}
+        steps = runner(train_step, optimizer, inputs, targets, lrs, beta1s, loss_sum, **extra)
+        order = torch.randperm(200, generator=torch.Generator().manual_seed(2)).to(device)
+        for step, batch in enumerate([*order.split(64), *order.flip(0).split(64)]):  # 3 full + 1 short, twice
+            steps(batch, step)
+        assert not torch.equal(optimizer.flat, initial)  # it trained
+        with torch.no_grad():
+            results.append((loss_sum.item(), model.eval()(as_input(images))))
+        assert runner is EagerSteps or (steps.graph is not None) == (device == "cuda")
+    (eager_loss, eager_logits), (graphed_loss, graphed_logits) = results
+    assert graphed_loss == pytest.approx(eager_loss, rel=1e-4)
+    # The trained functions, not the raw parameters: the Mixer has biases that the next LayerNorm
+    # cancels, whose gradients are rounding noise that Adam scales up to full-size steps.
+    torch.testing.assert_close(graphed_logits, eager_logits, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_graph_setting_is_used_only_on_cuda(splits):
+    """cuda_graph=True (the default) changes nothing off CUDA: the same run, the same numbers."""
+    _, on, _ = _train(splits, seed=4, cuda_graph=True)
+    _, off, _ = _train(splits, seed=4, cuda_graph=False)
+    assert [m.train_loss for m in on.history] == [m.train_loss for m in off.history]
