@@ -66,7 +66,9 @@ class FlatAdamW:
                                 amsgrad=False, maximize=False)
             return
         t = self.step_count
-        self.flat.mul_(1 - lr * self.weight_decay)
+        # flat -= lr*wd*flat, as the fused kernel does: a float32 factor (1 - lr*wd) would round
+        # small decays (lr*wd < ~6e-8) away entirely and quantise the others
+        self.flat.add_(self.flat, alpha=-lr * self.weight_decay)
         self.exp_avg.lerp_(self.grad, 1 - beta1)
         self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)
         denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - BETA2 ** t)).add_(EPS)
@@ -76,15 +78,17 @@ class FlatAdamW:
         """The whole schedule as one device tensor, a row of step coefficients per step, for
         ``step_with``: an update that reads its scalars from the device (a CUDA graph replays
         the same kernels every step, so the per-step lr, beta1 and bias corrections cannot be
-        host numbers baked into the launch)."""
-        rows = [(1 - lr * self.weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t))
+        host numbers baked into the launch). Row k is for the k-th step after the ones taken so
+        far with ``step`` (its bias corrections count from there); ``step_with`` does not
+        advance that count, so use one or the other for a run, not both."""
+        rows = [(-lr * self.weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t))
                 for t, (lr, beta1) in enumerate(zip(lrs, beta1s), start=self.step_count + 1)]
         return torch.tensor(rows, dtype=torch.float32, device=self.flat.device)
 
     def step_with(self, row: torch.Tensor) -> None:
         """The AdamW update of ``step`` with its scalars taken from a ``schedule_rows`` row."""
-        decay, one_minus_beta1, step_size, inv_bias_correction2 = row.unbind()
-        self.flat.mul_(decay)
+        neg_lr_wd, one_minus_beta1, step_size, inv_bias_correction2 = row.unbind()
+        self.flat.addcmul_(self.flat, neg_lr_wd)  # flat -= lr*wd*flat (see step)
         self.exp_avg.lerp_(self.grad, one_minus_beta1)
         self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)
         denom = self.exp_avg_sq.sqrt().mul_(inv_bias_correction2).add_(EPS)

@@ -15,7 +15,7 @@ import torch
 
 from mnist_tune.optim import FlatAdamW
 
-GRAPH_WARMUP_STEPS = 3  # CUDA's advice: run a few steps on a side stream before capturing
+GRAPH_WARMUP_STEPS = 3  # PyTorch's advice: run a few steps on a side stream before capturing
 
 
 class EagerSteps:
@@ -54,7 +54,8 @@ class GraphedSteps:
         self.optimizer.step_with(row)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        # Warm-up steps really update the model and optimizer: keep their state and put it back.
+        # Warm-up steps really update the model and optimizer: keep their state and put it back
+        # (both models have no other state: no BatchNorm running statistics).
         state = [t.clone() for t in (self.optimizer.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

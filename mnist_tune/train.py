@@ -13,6 +13,7 @@ never syncs per step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,7 @@ class FitResult:
     status: str  # "completed" or "diverged" (NaN/inf loss)
     history: list[EpochMetrics] = field(default_factory=list)
     message: str = ""
+    setup_seconds: float = 0.0  # before the first epoch: data to the device, step set-up, CUDA graph capture
 
     @property
     def final(self) -> EpochMetrics | None:
@@ -166,6 +168,7 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
     stop the run (the study raises optuna.TrialPruned there). A NaN/inf loss ends the run with
     status "diverged" instead of training on garbage.
     """
+    set_up = time.perf_counter()
     model.to(device).train()
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
@@ -173,35 +176,38 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
     steps = math.ceil(n / hp.batch_size)
     # AdamW: the seed's Adam with decoupled weight decay; lr (and beta1) follow a precomputed table.
     optimizer = FlatAdamW(model.parameters(), hp.weight_decay)
+    # CUDA streams and graphs belong to the current device: make it the data's (cuda:N included)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
-        train_step = _make_train_step(model, hp, optimizer)
-        train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
-        loss_sum = torch.zeros((), device=device)  # one buffer: a CUDA graph adds into it
-        if device.type == "cuda" and hp.cuda_graph and not hp.compile:
-            run_step = GraphedSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum,
-                                    hp.batch_size)
-        else:
-            run_step = EagerSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum)
-        shuffle = torch.Generator(device=device).manual_seed(hp.seed)
-        result = FitResult(status="completed")
-        step = 0
-        for epoch in range(1, hp.epochs + 1):
-            started = time.perf_counter()
-            order = torch.randperm(n, device=device, generator=shuffle)
-            loss_sum.zero_()
-            for batch in order.split(hp.batch_size):
-                run_step(batch, step)
-                step += 1
-            train_loss = loss_sum.item() / n  # the one host sync of the epoch
-            if not math.isfinite(train_loss):
-                result.status, result.message = "diverged", f"training loss became {train_loss} in epoch {epoch}"
-                break
-            val_loss, val_acc = evaluate(model, val_x, val_y)
-            metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, time.perf_counter() - started)
-            result.history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+        with on_device:
+            lrs, beta1s = schedule_table(hp.schedule, hp.lr, hp.epochs * steps)
+            train_step = _make_train_step(model, hp, optimizer)
+            train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
+            loss_sum = torch.zeros((), device=device)  # one buffer: a CUDA graph adds into it
+            if device.type == "cuda" and hp.cuda_graph and not hp.compile:
+                run_step = GraphedSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum,
+                                        hp.batch_size)
+            else:
+                run_step = EagerSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum)
+            shuffle = torch.Generator(device=device).manual_seed(hp.seed)
+            result = FitResult(status="completed", setup_seconds=time.perf_counter() - set_up)
+            step = 0
+            for epoch in range(1, hp.epochs + 1):
+                started = time.perf_counter()
+                order = torch.randperm(n, device=device, generator=shuffle)
+                loss_sum.zero_()
+                for batch in order.split(hp.batch_size):
+                    run_step(batch, step)
+                    step += 1
+                train_loss = loss_sum.item() / n  # the one host sync of the epoch
+                if not math.isfinite(train_loss):
+                    result.status, result.message = "diverged", f"training loss became {train_loss} in epoch {epoch}"
+                    break
+                val_loss, val_acc = evaluate(model, val_x, val_y)
+                metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, time.perf_counter() - started)
+                result.history.append(metrics)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
     finally:
         optimizer.release()  # the parameters get their own storage back (for saving, reuse)
     return result

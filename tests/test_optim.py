@@ -90,3 +90,24 @@ def test_step_with_schedule_rows_equals_step(device):
         trained.append(flat.flat.clone())
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)
     assert not torch.equal(trained[0], torch.cat([p.detach().reshape(-1) for p in _net(device).parameters()]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lr, weight_decay", [(3e-4, 1e-4), (1e-2, 0.1)])
+def test_weight_decay_is_not_rounded_away(device, lr, weight_decay):
+    """Decoupled weight decay as flat -= lr*wd*flat (CUDA's fused kernel does the same, so the
+    CUDA-graph path and the eager path agree): a float32 factor (1 - lr*wd) would turn a decay
+    of 3e-8 into 6e-8, or into nothing, for every parameter."""
+    modes = ["unfused", "rows"] + (["fused"] if device == "cuda" else [])  # CPU's fused kernel uses the factor
+    for mode in modes:
+        flat = FlatAdamW(_net(device).parameters(), weight_decay=weight_decay, fused=mode == "fused")
+        start = torch.linspace(-2, 2, len(flat.flat), device=device)
+        with torch.no_grad():
+            flat.flat.copy_(start)
+        flat.zero_grad()  # no gradient: only the decay moves the parameters
+        if mode == "rows":
+            flat.step_with(flat.schedule_rows([lr], [0.9])[0])
+        else:
+            flat.step(lr)
+        exact = (start.double() * (1 - lr * weight_decay)).float()  # correctly rounded
+        assert torch.equal(flat.flat, exact), mode
