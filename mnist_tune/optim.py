@@ -65,14 +65,12 @@ class FlatAdamW:
                                 lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS,
                                 amsgrad=False, maximize=False)
             return
-        t = self.step_count
-        # flat -= lr*wd*flat, as the fused kernel does: a float32 factor (1 - lr*wd) would round
-        # small decays (lr*wd < ~6e-8) away entirely and quantise the others
-        self.flat.add_(self.flat, alpha=-lr * self.weight_decay)
-        self.exp_avg.lerp_(self.grad, 1 - beta1)
-        self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - BETA2 ** t)).add_(EPS)
-        self.flat.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** t))
+        # the same update in plain ops: one place for the maths (step_with), this step's row
+        self.step_with(torch.tensor(self._row(lr, beta1, self.step_count), device=self.flat.device))
+
+    def _row(self, lr: float, beta1: float, t: int) -> tuple[float, float, float, float]:
+        """Step t's coefficients: -lr*wd, 1 - beta1, -lr / bias correction 1, 1 / sqrt(bias correction 2)."""
+        return -lr * self.weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t)
 
     def schedule_rows(self, lrs: list[float], beta1s: list[float]) -> torch.Tensor:
         """The whole schedule as one device tensor, a row of step coefficients per step, for
@@ -81,14 +79,15 @@ class FlatAdamW:
         host numbers baked into the launch). Row k is for the k-th step after the ones taken so
         far with ``step`` (its bias corrections count from there); ``step_with`` does not
         advance that count, so use one or the other for a run, not both."""
-        rows = [(-lr * self.weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t))
-                for t, (lr, beta1) in enumerate(zip(lrs, beta1s), start=self.step_count + 1)]
+        rows = [self._row(lr, beta1, t) for t, (lr, beta1) in enumerate(zip(lrs, beta1s), start=self.step_count + 1)]
         return torch.tensor(rows, dtype=torch.float32, device=self.flat.device)
 
     def step_with(self, row: torch.Tensor) -> None:
-        """The AdamW update of ``step`` with its scalars taken from a ``schedule_rows`` row."""
+        """The AdamW update with its scalars taken from a ``schedule_rows`` row."""
         neg_lr_wd, one_minus_beta1, step_size, inv_bias_correction2 = row.unbind()
-        self.flat.addcmul_(self.flat, neg_lr_wd)  # flat -= lr*wd*flat (see step)
+        # flat -= lr*wd*flat, as CUDA's fused kernel does: a float32 factor (1 - lr*wd) would
+        # round small decays (lr*wd < ~6e-8) away entirely and quantise the others
+        self.flat.addcmul_(self.flat, neg_lr_wd)
         self.exp_avg.lerp_(self.grad, one_minus_beta1)
         self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1 - BETA2)
         denom = self.exp_avg_sq.sqrt().mul_(inv_bias_correction2).add_(EPS)

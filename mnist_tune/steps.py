@@ -26,13 +26,17 @@ class EagerSteps:
         self.inputs, self.targets, self.lrs, self.beta1s = inputs, targets, lrs, beta1s
         self.loss_sum = loss_sum  # the epoch's summed loss, accumulated on the device
 
-    def __call__(self, batch: torch.Tensor, step: int) -> None:
+    def _train_on(self, batch: torch.Tensor) -> None:
+        """Forward and backward on the batch's rows, its summed loss added to ``loss_sum``."""
         # index_select: a plain gather, measurably cheaper than advanced indexing per step
         self.loss_sum += self.train_step(self.inputs.index_select(0, batch), self.targets.index_select(0, batch))
+
+    def __call__(self, batch: torch.Tensor, step: int) -> None:
+        self._train_on(batch)
         self.optimizer.step(self.lrs[step], self.beta1s[step])
 
 
-class GraphedSteps:
+class GraphedSteps(EagerSteps):
     """The same step with its scalars read from device buffers, recorded as one CUDA graph.
 
     Full batches replay the graph; a shorter last batch runs the same code eagerly. With
@@ -42,21 +46,21 @@ class GraphedSteps:
 
     def __init__(self, train_step, optimizer: FlatAdamW, inputs, targets, lrs, beta1s, loss_sum,
                  batch_size: int, capture: bool = True):
-        self.train_step, self.optimizer = train_step, optimizer
-        self.inputs, self.targets, self.loss_sum = inputs, targets, loss_sum
+        super().__init__(train_step, optimizer, inputs, targets, lrs, beta1s, loss_sum)
         self.rows = optimizer.schedule_rows(lrs, beta1s)
         self.batch = torch.arange(min(batch_size, len(inputs)), device=inputs.device)  # static inputs
         self.row = self.rows[0].clone()
         self.graph = self._capture() if capture else None
 
     def _step(self, batch: torch.Tensor, row: torch.Tensor) -> None:
-        self.loss_sum += self.train_step(self.inputs.index_select(0, batch), self.targets.index_select(0, batch))
+        self._train_on(batch)
         self.optimizer.step_with(row)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         # Warm-up steps really update the model and optimizer: keep their state and put it back
         # (both models have no other state: no BatchNorm running statistics).
-        state = [t.clone() for t in (self.optimizer.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)]
+        live = (self.optimizer.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)
+        saved = [t.clone() for t in live]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -66,8 +70,8 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step(self.batch, self.row)
-        for saved, live in zip(state, (self.optimizer.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)):
-            live.copy_(saved)
+        for tensor, copy in zip(live, saved):
+            tensor.copy_(copy)
         self.loss_sum.zero_()
         return graph
 
