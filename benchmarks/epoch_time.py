@@ -1,6 +1,7 @@
 """Epoch time: the seed's pipeline vs mnist_tune.train, same model, same batch size, one process.
 
     python benchmarks/epoch_time.py                         # MLP, batch 100, CPU, 3 epochs each
+    python benchmarks/epoch_time.py --epochs 5 --repeats 10   # ten pairs, median of the ratios
     python benchmarks/epoch_time.py --models mlp,mixer --batch-sizes 32,100,256 --device cuda
     python benchmarks/epoch_time.py --models mixer --mixer-dim 128 --mixer-depth 8 --device cuda \
         --variants default,nograph,amp,compile
@@ -9,6 +10,9 @@ Seed epoch = one pass of torchvision MNIST + ToTensor + DataLoader + Adam (what 
 Ours = one ``fit`` epoch (data resident on the device, index batches, the MLP's hand-written
 step, one fused AdamW call per step) *including* its validation pass, so the comparison is
 conservative. Prints medians and the ratio. ``--threads`` sets torch's CPU threads for both.
+``--repeats N`` measures the pair N times in a row (each time the seed's epochs, then ours,
+each with its untimed first epoch) and then prints the median of the N ratios, and separately
+the median absolute times: a shared VM's speed drifts, so one pair proves little.
 ``--variants`` times our loop with its default settings (``default``: on CUDA that is with the
 CUDA graph) and/or with bf16 autocast (``amp``), ``torch.compile``, without the CUDA graph
 (``nograph``), or ``+`` of them. Also printed: the set-up before the first epoch (data to the
@@ -48,12 +52,7 @@ def seed_epochs(model_name: str, data_root: Path, batch_size: int, epochs: int, 
             for x, y in train_loader:
                 yield x.to(device), y.to(device)
 
-    times = []
-    for _ in range(epochs):
-        times.append(seed_train_epoch(model, OnDevice(), optimizer))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return times
+    return [seed_train_epoch(model, OnDevice(), optimizer) for _ in range(epochs)]
 
 
 def our_epochs(model_name: str, splits, batch_size: int, epochs: int, device, variant: str = "default"):
@@ -78,10 +77,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: all cores]")
     parser.add_argument("--mixer-dim", type=int, default=MODEL_HP["mixer"]["dim"])
     parser.add_argument("--mixer-depth", type=int, default=MODEL_HP["mixer"]["depth"])
+    parser.add_argument("--repeats", type=int, default=1, help="measure each seed/ours pair this many times")
     parser.add_argument("--variants", default="default",
                         help="our loop's settings: default, amp, compile, nograph (no CUDA graph), or '+' of "
                              "them, e.g. amp+nograph")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     MODEL_HP["mixer"].update(dim=args.mixer_dim, depth=args.mixer_depth)
@@ -100,12 +102,22 @@ def main() -> None:
           f"{'1st epoch extra s':>17} {'set-up s':>8}")
     for model_name in args.models.split(","):
         for batch_size in map(int, args.batch_sizes.split(",")):
-            seed = statistics.median(seed_epochs(model_name, root, batch_size, args.epochs, device))
-            for variant in variants:
-                timed, first, setup = our_epochs(model_name, splits, batch_size, args.epochs, device, variant)
-                ours = statistics.median(timed)
-                print(f"{model_name:6} {batch_size:>5} {seed:>12.3f} {variant:>12} {ours:>12.4f} "
-                      f"{seed / ours:>8.1f}x {first - ours:>17.2f} {setup:>8.2f}", flush=True)
+            seeds, ours = [], {variant: [] for variant in variants}
+            for _ in range(args.repeats):
+                seeds.append(statistics.median(seed_epochs(model_name, root, batch_size, args.epochs, device)))
+                for variant in variants:
+                    timed, first, setup = our_epochs(model_name, splits, batch_size, args.epochs, device, variant)
+                    ours[variant].append(statistics.median(timed))
+                    print(f"{model_name:6} {batch_size:>5} {seeds[-1]:>12.3f} {variant:>12} {ours[variant][-1]:>12.4f} "
+                          f"{seeds[-1] / ours[variant][-1]:>8.1f}x {first - ours[variant][-1]:>17.2f} {setup:>8.2f}",
+                          flush=True)
+            if args.repeats > 1:
+                for variant in variants:
+                    ratios = sorted(seed / our for seed, our in zip(seeds, ours[variant]))
+                    print(f"# {model_name} batch {batch_size} {variant}, {args.repeats} repeats: median of the "
+                          f"speed-ups {statistics.median(ratios):.1f}x (range {ratios[0]:.1f}-{ratios[-1]:.1f}x); "
+                          f"median s/epoch: seed {statistics.median(seeds):.3f}, "
+                          f"ours {statistics.median(ours[variant]):.4f}", flush=True)
 
 
 if __name__ == "__main__":
