@@ -2,10 +2,10 @@
 
 The data set lives on the device as uint8 and is iterated by a shuffled index (no DataLoader,
 no per-sample transforms): each step is one gather, one uint8->float conversion, the model's
-forward and backward (by hand for the MLP, mlp_step.py; autograd otherwise) and one fused
-AdamW call over all parameters (optim.py); on CUDA the whole step is replayed as one CUDA
-graph (steps.py). The loss is summed on the device and read back once per epoch, so a GPU
-never syncs per step.
+forward and backward (by hand for the MLP, mlp_step.py; autograd otherwise) and one AdamW
+update over all parameters at once (optim.py: torch's fused kernel, or on CUDA the same
+update in plain ops, because there the whole step is replayed as one CUDA graph, steps.py).
+The loss is summed on the device and read back once per epoch, so a GPU never syncs per step.
 
     hp = TrainConfig(batch_size=100, lr=1e-3, epochs=10)
     result = fit(build_model("mlp", dropout=0.2), load_mnist(), hp, resolve_device("cpu"))
@@ -127,7 +127,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 class AutogradStep:
-    """``step(rows, labels) -> summed batch loss``, gradients left in ``optimizer.grad``.
+    """``step(rows, labels) -> summed batch loss``, the mean loss's gradients left in ``optimizer.grad``.
 
     The general path: any model, optional bf16 autocast and torch.compile. The training
     images stay uint8 on the device and each batch is converted as it is gathered.
