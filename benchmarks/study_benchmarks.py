@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe  # noqa: E402
 
 DEFAULT_RUNS = ["mlp:tpe:0:40", "mlp:random:0:40", "mlp:tpe:1:40", "mlp:random:1:40", "mlp:tpe:2:40", "mlp:random:2:40",
                 "mlp-wide:tpe:0:20", "mixer:tpe:0:4:2"]  # ~25 min on a 2-core CPU
@@ -119,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    print(f"# {describe()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {args.device}, {time.strftime('%Y-%m-%d')}")
     print(f"{'run':22} {'wall s':>7} {'trials/h':>8} {'best val':>8} {'test':>7} {'pruned':>6} "
           f"{'mlflow':>6} {'optuna':>6} {'train':>6}")
