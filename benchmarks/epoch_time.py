@@ -5,6 +5,7 @@
     python benchmarks/epoch_time.py --models mlp,mixer --batch-sizes 32,100,256 --device cuda
     python benchmarks/epoch_time.py --models mixer --mixer-dim 128 --mixer-depth 8 --device cuda \
         --variants default,nograph,amp,compile
+    python benchmarks/epoch_time.py --models mixer --variants default,torchdropout   # the CPU dropout's gain
 
 Seed epoch = one pass of torchvision MNIST + ToTensor + DataLoader + Adam (what the seed ran).
 Ours = one ``fit`` epoch (data resident on the device, index batches, the MLP's hand-written
@@ -15,7 +16,8 @@ each with its untimed first epoch) and then prints the median of the N ratios, a
 the median absolute times: a shared VM's speed drifts, so one pair proves little.
 ``--variants`` times our loop with its default settings (``default``: on CUDA that is with the
 CUDA graph) and/or with bf16 autocast (``amp``), ``torch.compile``, without the CUDA graph
-(``nograph``), or ``+`` of them. Also printed: the set-up before the first epoch (data to the
+(``nograph``), with torch's ``nn.Dropout`` instead of the model's CPU mask dropout
+(``torchdropout``), or ``+`` of them. Also printed: the set-up before the first epoch (data to the
 device, CUDA graph capture) and the first, untimed epoch's extra seconds over the median (where
 torch.compile compiles).
 """
@@ -23,7 +25,6 @@ torch.compile compiles).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seed_pipeline import seed_loaders, seed_train_epoch  # noqa: E402
+from machine import describe  # noqa: E402
+from seed_pipeline import seed_loaders, seed_model, seed_train_epoch  # noqa: E402
 
 from mnist_tune.data import load_mnist, prefetch  # noqa: E402
 from mnist_tune.models import build_model  # noqa: E402
@@ -43,7 +45,7 @@ MODEL_HP = {"mlp": {"dropout": 0.2}, "mixer": {"patch_size": 7, "dim": 64, "dept
 
 def seed_epochs(model_name: str, data_root: Path, batch_size: int, epochs: int, device) -> list[float]:
     seed_everything(0)
-    model = build_model(model_name, **MODEL_HP[model_name]).to(device)
+    model = seed_model(build_model(model_name, **MODEL_HP[model_name])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train_loader, _ = seed_loaders(str(data_root), batch_size)
 
@@ -61,6 +63,8 @@ def our_epochs(model_name: str, splits, batch_size: int, epochs: int, device, va
     seed_everything(0)
     model = build_model(model_name, **MODEL_HP[model_name])
     flags = set(variant.split("+")) - {"default"}
+    if "torchdropout" in flags:
+        model = seed_model(model)
     hp = TrainConfig(batch_size=batch_size, epochs=epochs + 1, schedule="onecycle",
                      amp="amp" in flags, compile="compile" in flags, cuda_graph="nograph" not in flags)
     result = fit(model, splits, hp, device)
@@ -79,8 +83,8 @@ def main() -> None:
     parser.add_argument("--mixer-depth", type=int, default=MODEL_HP["mixer"]["depth"])
     parser.add_argument("--repeats", type=int, default=1, help="measure each seed/ours pair this many times")
     parser.add_argument("--variants", default="default",
-                        help="our loop's settings: default, amp, compile, nograph (no CUDA graph), or '+' of "
-                             "them, e.g. amp+nograph")
+                        help="our loop's settings: default, amp, compile, nograph (no CUDA graph), torchdropout "
+                             "(nn.Dropout), or '+' of them, e.g. amp+nograph")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -88,15 +92,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     MODEL_HP["mixer"].update(dim=args.mixer_dim, depth=args.mixer_depth)
     variants = args.variants.split(",")
-    unknown = set("+".join(variants).split("+")) - {"default", "amp", "compile", "nograph"}
+    unknown = set("+".join(variants).split("+")) - {"default", "amp", "compile", "nograph", "torchdropout"}
     if unknown:
-        parser.error(f"unknown variant(s) {sorted(unknown)}; use default, amp, compile, nograph or '+' of them")
+        parser.error(f"unknown variant(s) {sorted(unknown)}; use default, amp, compile, nograph, torchdropout "
+                     "or '+' of them")
 
     device = resolve_device(args.device)
     root = prefetch(args.data_dir, log=lambda m: print(m, file=sys.stderr)).parent.parent  # .../MNIST/raw -> root
     splits = load_mnist(args.data_dir)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"# {name}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {device}, "
+    print(f"# {describe(device)}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {device}, "
           f"{args.epochs} timed epochs each; mixer = {MODEL_HP['mixer']}")
     print(f"{'model':6} {'batch':>5} {'seed s/epoch':>12} {'variant':>12} {'ours s/epoch':>12} {'speed-up':>9} "
           f"{'1st epoch extra s':>17} {'set-up s':>8}")

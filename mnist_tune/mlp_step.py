@@ -7,9 +7,8 @@ written straight into the optimizer's buffer. Given the same dropout masks it co
 autograd computes for ``cross_entropy(model(x), y)`` (tests/test_train.py compares the loss
 and every gradient), so it is an implementation detail of ``fit``, not a different model: the
 trained ``MLP`` is used, evaluated and exported as usual. The masks are drawn as
-``rand < q``: the same Bernoulli(q) as ``nn.Dropout``, half the cost of its ``bernoulli_`` on
-this CPU, but a different draw from the RNG stream, so a seed gives a different (equally good)
-run than the autograd path.
+``rand < q``, layer by layer, as the model's own ``Dropout`` draws them on the CPU (models.py),
+so there a seed gives the autograd path's run (off the CPU the model uses nn.Dropout's kernel).
 
 Per hidden layer (z = h W^T + b, then ReLU, then inverted dropout with keep-probability q),
 where the layer's output is a / q:

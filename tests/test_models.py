@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.models import MLP, MLPMixer, build_model
+from mnist_tune.models import MLP, Dropout, MLPMixer, build_model
 
 
 @pytest.mark.parametrize("hp", [{}, {"hidden_sizes": (256,)}, {"hidden_sizes": (64, 64, 32), "dropout": 0.5}])
@@ -16,6 +16,36 @@ def test_mlp_is_the_seed_architecture():
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 100), (100, 80), (80, 10)]
     drops = [m.p for m in build_model("mlp", dropout=0.3) if isinstance(m, torch.nn.Dropout)]
     assert drops == [0.3, 0.3]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_is_inverted_bernoulli_dropout(p):
+    """The CPU mask path: each element kept with probability 1 - p and scaled by 1/(1 - p), the
+    gradient masked the same way; in eval mode the identity."""
+    torch.manual_seed(0)
+    layer = Dropout(p)
+    x = (torch.rand(400, 1000) + 1).requires_grad_()  # no zeros: a zero output means dropped
+    y = layer(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)  # 400k draws: std < 0.001
+    torch.testing.assert_close(y[kept], (x / (1 - p))[kept])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_dropout_edge_cases_follow_nn_dropout():
+    x = torch.rand(50, 50) + 1
+    assert torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # no 1/0 scale
+    half = Dropout(0.5)(x.bfloat16())  # bf16 (autocast) goes through nn.Dropout
+    assert half.dtype == torch.bfloat16 and 0.4 < (half == 0).float().mean().item() < 0.6
+
+
+def test_both_models_use_the_fast_dropout():
+    for model in (build_model("mlp", dropout=0.1), build_model("mixer", depth=2, dropout=0.1)):
+        drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(type(m) is Dropout for m in drops)
 
 
 @pytest.mark.parametrize("hp", [

@@ -127,29 +127,28 @@ def test_explicit_mlp_step_equals_autograd(hp, device):
     loss_sum = step(*step.prepare(images, labels))
     explicit_grads = [p.grad.clone() for p in model.parameters()]
 
-    # The reference draws its dropout masks the way the explicit step does (same RNG stream).
+    # The reference is the model's own forward: its Dropout layers draw their CPU masks as the
+    # explicit step does (uniform < 1 - p, layer by layer, from the same RNG stream).
     optimizer.zero_grad()
     torch.manual_seed(1)
-    h = model[1](model[0](as_input(images)))
-    for layer in list(model)[2:]:
-        if isinstance(layer, nn.Dropout):
-            keep = 1 - layer.p
-            if keep < 1:
-                h = h * (torch.rand_like(h) < keep) / keep
-        else:
-            h = layer(h)
-    loss = nn.functional.cross_entropy(h, labels)
+    if device != "cpu":  # elsewhere the model's Dropout is nn.Dropout (another draw): use the CPU's
+        for layer in model:
+            if isinstance(layer, nn.Dropout) and 0 < layer.p < 1:
+                layer.forward = lambda h, keep=1 - layer.p: h * (torch.rand_like(h) < keep) / keep
+    loss = nn.functional.cross_entropy(model(as_input(images)), labels)
     loss.backward()
     assert loss_sum.item() == pytest.approx(loss.item() * 64, rel=1e-5)
     for p, g in zip(model.parameters(), explicit_grads):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_explicit_and_autograd_paths_train_alike(splits, monkeypatch, device):
-    """Without dropout there is no randomness besides the shuffle: both paths take the same steps
-    (batch 64 leaves a partial last batch each epoch)."""
-    settings = {"model_hp": {"dropout": 0.0}, "seed": 3, "schedule": "onecycle", "weight_decay": 1e-3,
+# Off the CPU the model's Dropout is nn.Dropout (another draw), so dropout is compared on the CPU only.
+@pytest.mark.parametrize("device, dropout", [(device, 0.0) for device in DEVICES] + [("cpu", 0.2)])
+def test_explicit_and_autograd_paths_train_alike(splits, monkeypatch, device, dropout):
+    """Both paths take the same steps (batch 64 leaves a partial last batch each epoch): without
+    dropout the shuffle is the only randomness, and on the CPU the model's Dropout draws the
+    explicit step's masks."""
+    settings = {"model_hp": {"dropout": dropout}, "seed": 3, "schedule": "onecycle", "weight_decay": 1e-3,
                 "batch_size": 64, "device": device}
     _, explicit, _ = _train(splits, **settings)
     monkeypatch.setattr(ExplicitMLPStep, "supports", staticmethod(lambda model: False))
