@@ -11,13 +11,13 @@ Seed epoch = one pass of torchvision MNIST + ToTensor + DataLoader + Adam (what 
 Ours = one ``fit`` epoch (data resident on the device, index batches, the MLP's hand-written
 step, one fused AdamW call per step) *including* its validation pass, so the comparison is
 conservative. Prints medians and the ratio. ``--threads`` sets torch's CPU threads for both.
-``--repeats N`` measures the pair N times in a row (each time the seed's epochs, then ours,
-each with its untimed first epoch) and then prints the median of the N ratios, and separately
+``--repeats N`` measures the pair N times in a row (each time the seed's epochs, all timed, then
+ours after an untimed first epoch) and then prints the median of the N ratios, and separately
 the median absolute times: a shared VM's speed drifts, so one pair proves little.
 ``--variants`` times our loop with its default settings (``default``: on CUDA that is with the
 CUDA graph) and/or with bf16 autocast (``amp``), ``torch.compile``, without the CUDA graph
 (``nograph``), with torch's ``nn.Dropout`` instead of the model's CPU mask dropout
-(``torchdropout``), or ``+`` of them. Also printed: the set-up before the first epoch (data to the
+(``torchdropout``; not for the MLP, whose hand-written step draws its own masks), or ``+`` of them. Also printed: the set-up before the first epoch (data to the
 device, CUDA graph capture) and the first, untimed epoch's extra seconds over the median (where
 torch.compile compiles).
 """
@@ -96,6 +96,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)}; use default, amp, compile, nograph, torchdropout "
                      "or '+' of them")
+    if "mlp" in args.models.split(",") and any("torchdropout" in v and "compile" not in v for v in variants):
+        parser.error("torchdropout changes nothing for the mlp: its hand-written step draws its own masks "
+                     "(combine it with compile, which trains the mlp through autograd in float32)")
 
     device = resolve_device(args.device)
     root = prefetch(args.data_dir, log=lambda m: print(m, file=sys.stderr)).parent.parent  # .../MNIST/raw -> root

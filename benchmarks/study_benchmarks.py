@@ -122,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"# {describe()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    print(f"# {describe(torch.device(args.device))}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {args.device}, {time.strftime('%Y-%m-%d')}")
     print(f"{'run':22} {'wall s':>7} {'trials/h':>8} {'best val':>8} {'test':>7} {'pruned':>6} "
           f"{'mlflow':>6} {'optuna':>6} {'train':>6}")

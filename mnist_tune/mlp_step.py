@@ -1,6 +1,7 @@
 """The MLP's training step written out by hand: forward, cross-entropy and backward, no autograd.
 
-Why: at batch 100 an MLP epoch is 550 steps whose matmuls take ~0.4 ms each on this CPU, and
+Why: at batch 100 an MLP epoch is 550 steps whose matmuls take 0.16-0.45 ms each on the
+project's 2-core VMs (benchmarks/step_breakdown.py), and
 autograd's graph building plus the per-module dispatch cost about half as much again. Written
 out, a step is a few matmuls and a handful of in-place element-wise ops, with the gradients
 written straight into the optimizer's buffer. Given the same dropout masks it computes what
@@ -8,7 +9,8 @@ autograd computes for ``cross_entropy(model(x), y)`` (tests/test_train.py compar
 and every gradient), so it is an implementation detail of ``fit``, not a different model: the
 trained ``MLP`` is used, evaluated and exported as usual. The masks are drawn as
 ``rand < q``, layer by layer, as the model's own ``Dropout`` draws them on the CPU (models.py),
-so there a seed gives the autograd path's run (off the CPU the model uses nn.Dropout's kernel).
+so there a seed gives the autograd path's run (off the CPU the model uses nn.Dropout's kernel;
+with p = 1 neither draws).
 
 Per hidden layer (z = h W^T + b, then ReLU, then inverted dropout with keep-probability q),
 where the layer's output is a / q:
@@ -71,8 +73,10 @@ class ExplicitMLPStep:
         for i, linear in enumerate(self.linears[:-1]):
             inputs.append(h)
             h = torch.addmm(linear.bias, h, linear.weight.t(), alpha=self.alpha[i]).relu_()
-            if self.keep[i] < 1.0:
+            if 0.0 < self.keep[i] < 1.0:
                 h.mul_(torch.rand_like(h).lt_(self.keep_t[i]))
+            elif self.keep[i] == 0.0:  # p = 1 drops everything (its alpha is 0 too), drawing nothing
+                h.zero_()
         last = self.linears[-1]
         inputs.append(h)
         log_probs = torch.addmm(last.bias, h, last.weight.t(), alpha=self.alpha[-1]).log_softmax(1)

@@ -3,8 +3,8 @@
 The data set lives on the device as uint8 and is iterated by a shuffled index (no DataLoader,
 no per-sample transforms): each step is one gather, one uint8->float conversion, the model's
 forward and backward (by hand for the MLP, mlp_step.py; autograd otherwise) and one AdamW
-update over all parameters at once (optim.py: torch's fused kernel, or on CUDA the same
-update in plain ops, because there the whole step is replayed as one CUDA graph, steps.py).
+update over all parameters at once (optim.py: torch's fused kernel, or with the CUDA graph the
+same update in plain ops, because there the whole step is replayed as one graph, steps.py).
 The loss is summed on the device and read back once per epoch, so a GPU never syncs per step.
 
     hp = TrainConfig(batch_size=100, lr=1e-3, epochs=10)

@@ -38,6 +38,8 @@ def test_dropout_edge_cases_follow_nn_dropout():
     x = torch.rand(50, 50) + 1
     assert torch.equal(Dropout(0.0)(x), x)
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # no 1/0 scale
+    y = x.clone()
+    assert Dropout(0.5, inplace=True)(y) is y and (y == 0).any()  # in place, as asked
     half = Dropout(0.5)(x.bfloat16())  # bf16 (autocast) goes through nn.Dropout
     assert half.dtype == torch.bfloat16 and 0.4 < (half == 0).float().mean().item() < 0.6
 

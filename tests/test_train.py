@@ -113,7 +113,8 @@ def test_compile_path_matches_eager(splits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("hp", [{"dropout": 0.3}, {"dropout": 0.0}, {"hidden_sizes": (40, 30, 20), "dropout": 0.5}])
+@pytest.mark.parametrize("hp", [{"dropout": 0.3}, {"dropout": 0.0}, {"hidden_sizes": (40, 30, 20), "dropout": 0.5},
+                                {"dropout": 1.0}])
 def test_explicit_mlp_step_equals_autograd(hp, device):
     """Same loss and the same gradient for every parameter as autograd on the model itself."""
     torch.manual_seed(0)
