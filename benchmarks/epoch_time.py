@@ -17,9 +17,9 @@ the median absolute times: a shared VM's speed drifts, so one pair proves little
 ``--variants`` times our loop with its default settings (``default``: on CUDA that is with the
 CUDA graph) and/or with bf16 autocast (``amp``), ``torch.compile``, without the CUDA graph
 (``nograph``), with torch's ``nn.Dropout`` instead of the model's CPU mask dropout
-(``torchdropout``; not for the MLP, whose hand-written step draws its own masks), or ``+`` of them. Also printed: the set-up before the first epoch (data to the
-device, CUDA graph capture) and the first, untimed epoch's extra seconds over the median (where
-torch.compile compiles).
+(``torchdropout``; not for the MLP, whose hand-written step draws its own masks), or ``+`` of
+them. Also printed: the set-up before the first epoch (data to the device, CUDA graph capture)
+and the first, untimed epoch's extra seconds over the median (where torch.compile compiles).
 """
 
 from __future__ import annotations

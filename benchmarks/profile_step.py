@@ -19,14 +19,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from epoch_time import MODEL_HP  # noqa: E402  (the same model settings as the epoch times)
 from machine import describe  # noqa: E402
 from seed_pipeline import seed_model  # noqa: E402
 
 from mnist_tune.models import build_model  # noqa: E402
 from mnist_tune.optim import FlatAdamW  # noqa: E402
 from mnist_tune.train import TrainConfig, _make_train_step  # noqa: E402
-
-MODEL_HP = {"mlp": {"dropout": 0.2}, "mixer": {"patch_size": 7, "dim": 64, "depth": 4, "dropout": 0.1}}
 
 
 def main() -> None:

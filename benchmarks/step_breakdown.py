@@ -32,7 +32,7 @@ from machine import describe  # noqa: E402
 
 from mnist_tune.data import load_mnist  # noqa: E402
 from mnist_tune.models import build_model  # noqa: E402
-from mnist_tune.optim import FlatAdamW  # noqa: E402
+from mnist_tune.optim import FlatAdamW, schedule_table  # noqa: E402
 from mnist_tune.steps import EagerSteps  # noqa: E402
 from mnist_tune.train import TrainConfig, _make_train_step  # noqa: E402
 
@@ -45,7 +45,7 @@ def training_loop(splits, batch_size: int, dropout: float, with_optimizer: bool)
     train_step = _make_train_step(model, TrainConfig(), optimizer)
     inputs, targets = train_step.prepare(splits.train_x, splits.train_y)
     steps_per_epoch = -(-len(inputs) // batch_size)
-    lrs, beta1s = [1e-4] * steps_per_epoch, [0.9] * steps_per_epoch
+    lrs, beta1s = schedule_table("constant", 1e-4, steps_per_epoch)
     loss_sum = torch.zeros(())
     steps = EagerSteps(train_step, optimizer, inputs, targets, lrs, beta1s, loss_sum)
     shuffle = torch.Generator().manual_seed(0)
@@ -64,7 +64,8 @@ def training_loop(splits, batch_size: int, dropout: float, with_optimizer: bool)
 
 def matmuls_only(batch_size: int, n: int):
     """The step's matmuls with its shapes: 3 forward, 3 weight gradients, 2 input gradients."""
-    sizes = [784, 100, 80, 10]
+    linears = [m for m in build_model("mlp") if isinstance(m, torch.nn.Linear)]
+    sizes = [linears[0].in_features] + [linear.out_features for linear in linears]  # 784, 100, 80, 10
     acts = [torch.randn(batch_size, s) for s in sizes]
     weights = [torch.randn(o, i) for i, o in zip(sizes, sizes[1:])]
     grads = [torch.empty(o, i) for i, o in zip(sizes, sizes[1:])]

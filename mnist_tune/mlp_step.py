@@ -73,10 +73,9 @@ class ExplicitMLPStep:
         for i, linear in enumerate(self.linears[:-1]):
             inputs.append(h)
             h = torch.addmm(linear.bias, h, linear.weight.t(), alpha=self.alpha[i]).relu_()
+            # p = 1 draws nothing, as nn.Dropout: the alpha 0 of what reads h already zeroes it
             if 0.0 < self.keep[i] < 1.0:
                 h.mul_(torch.rand_like(h).lt_(self.keep_t[i]))
-            elif self.keep[i] == 0.0:  # p = 1 drops everything (its alpha is 0 too), drawing nothing
-                h.zero_()
         last = self.linears[-1]
         inputs.append(h)
         log_probs = torch.addmm(last.bias, h, last.weight.t(), alpha=self.alpha[-1]).log_softmax(1)

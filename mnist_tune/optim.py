@@ -2,9 +2,10 @@
 
 Why not ``torch.optim.AdamW`` + an ``lr_scheduler``: at batch 100 an MLP epoch is 550 steps
 of ~0.8 ms each (1 thread, the AMD EPYC VM; 0.6 ms on the Xeon one), and the optimizer's and
-scheduler's per-call Python bookkeeping costs ~0.15 ms of that. Here the parameters live in one buffer, so a step is one call of the same
-fused kernel ``AdamW(fused=True)`` runs, and the schedule is a table computed before training
-(the values of torch's ``CosineAnnealingLR`` / ``OneCycleLR``, checked in tests/test_optim.py).
+scheduler's per-call Python bookkeeping costs ~0.15 ms of that. Here the parameters live in
+one buffer, so a step is one call of the same fused kernel ``AdamW(fused=True)`` runs, and the
+schedule is a table computed before training (the values of torch's ``CosineAnnealingLR`` /
+``OneCycleLR``, checked in tests/test_optim.py).
 
     optimizer = FlatAdamW(model.parameters(), weight_decay=0.01)
     lrs, beta1s = schedule_table("onecycle", lr=1e-3, total_steps=5500)

@@ -127,7 +127,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 class AutogradStep:
-    """``step(rows, labels) -> summed batch loss``, the mean loss's gradients left in ``optimizer.grad``.
+    """``step(rows, labels) -> summed batch loss``; the mean loss's gradients go to ``optimizer.grad``.
 
     The general path: any model, optional bf16 autocast and torch.compile. The training
     images stay uint8 on the device and each batch is converted as it is gathered.
