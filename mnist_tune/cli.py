@@ -102,6 +102,7 @@ def train(model_name, batch_size, lr, dropout, weight_decay, schedule, epochs, s
     """Train one model with explicit hyperparameters, tracked as one MLflow run."""
     from mnist_tune.data import load_mnist
     from mnist_tune.run import Diverged, check_model_hp, train_and_log
+    from mnist_tune.stop import signals_deferred
     from mnist_tune.tracking import Tracker
     from mnist_tune.train import TrainConfig, resolve_device
 
@@ -129,14 +130,18 @@ def train(model_name, batch_size, lr, dropout, weight_decay, schedule, epochs, s
     run_id = tracker.start_run(experiment_id, run_name or f"{model_name}-train",
                                tags={"mnist_tune.model": model_name, "mnist_tune.kind": "train"})
     try:
-        outcome = train_and_log(tracker, run_id, model_name, model_hp, hp, splits, torch_device)
+        with signals_deferred():  # Ctrl-C/SIGTERM stop at the next step, never mid-write (stop.py)
+            outcome = train_and_log(tracker, run_id, model_name, model_hp, hp, splits, torch_device)
     except Diverged as e:
         tracker.set_tags(run_id, {"mnist_tune.error": str(e)})
         tracker.end_run(run_id, "FAILED")
         fail(f"training diverged: {e} (run {run_id} marked FAILED)", code=1)
-    except BaseException as e:  # Ctrl-C or a crash: the run must not stay RUNNING
+    except BaseException as e:  # Ctrl-C, SIGTERM or a crash: the run must not stay RUNNING
+        interrupted = isinstance(e, KeyboardInterrupt)  # stop.Interrupted is one
         tracker.set_tags(run_id, {"mnist_tune.error": f"{type(e).__name__}: {e}"})
-        tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.end_run(run_id, "KILLED" if interrupted else "FAILED")
+        if interrupted:
+            fail(f"interrupted ({e or 'Ctrl-C'}); run {run_id} marked KILLED", code=getattr(e, "exit_code", 130))
         raise
     tracker.end_run(run_id, "FINISHED")
     final = outcome.history[-1]
@@ -209,7 +214,7 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
 
     from mnist_tune.config import sweep_for
     from mnist_tune.data import load_mnist
-    from mnist_tune.study import Interrupted, Worker, WorkerSettings
+    from mnist_tune.study import Worker, WorkerSettings
     from mnist_tune.tracking import Tracker
     from mnist_tune.train import resolve_device
 
@@ -238,10 +243,10 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
     try:
         count = worker.run()
         worker.finish(plots=not no_plots)
-    except (KeyboardInterrupt, Interrupted) as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or stop.Interrupted (SIGTERM: 143)
         worker.interrupted()
         fail(f"interrupted ({e or 'Ctrl-C'}); the current trial was closed, rerun the command to finish the study",
-             code=e.exit_code if isinstance(e, Interrupted) else 130)
+             code=getattr(e, "exit_code", 130))
     wall = time.perf_counter() - started
     click.echo(f"study {worker.name}: {count.finished}/{trials} trials ({count.complete} complete, "
                f"{count.pruned} pruned, {count.failed} failed) in {wall:.0f} s"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 import urllib.parse
@@ -28,6 +27,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_tune import stop
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.models import build_model
@@ -58,15 +58,6 @@ class WorkerSettings:
     max_retry: int = 2
     max_failures: int | None = None  # real failures (exceptions, NaN) that stop the worker
     finish_trial_on_signal: bool = False  # first SIGTERM/SIGINT: finish the current trial, then stop
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so the current trial is closed like on Ctrl-C
-    (a KeyboardInterrupt, so Optuna marks the trial FAIL before re-raising it)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def default_storage() -> str:
@@ -238,7 +229,6 @@ class Worker:
         self.experiment_id = self.parent_run_id = None
         self.trials_run = 0
         self.trial_seconds = self.trial_tracking_seconds = 0.0
-        self.stop_requested = 0  # the signal number once a graceful stop was asked for
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -367,10 +357,9 @@ class Worker:
             self._close(run_id, "FAILED", "FAIL", str(e))
             raise
         except BaseException as e:  # a crash, Ctrl-C, SIGTERM: never leave the run RUNNING
-            interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
             message = f"{type(e).__name__}: {e}"
             trial.set_user_attr("error", message[:1000])
-            self._close(run_id, "KILLED" if interrupted else "FAILED", "FAIL", message)
+            self._close(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", message)
             raise
         value = getattr(outcome.history[-1], self.sweep.metric)
         trial.set_user_attr("test_acc", outcome.test_acc)
@@ -409,34 +398,34 @@ class Worker:
         trials_bar = bar(self.settings.trials, f"study {self.name}", "trial", initial=min(count.finished,
                                                                                              self.settings.trials))
         self.study.set_user_attr("budget", self.settings.trials)  # for `mnist-tune status`
-        handlers = self._install_signal_handlers()
-        try:
-            if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
-                self._warm_up_model_logging()
-            while not self.stop_requested:
-                if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
-                    break
-                trials = self.study.get_trials(deepcopy=False)
-                count = count_budget(trials)
-                if count.waiting == 0 and count.used >= self.settings.trials:
-                    if not count.running:
+        # Signals are acted on between training steps and between trials (stop.py says why).
+        with stop.signals_deferred(finish_first=self.settings.finish_trial_on_signal):
+            try:
+                if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
+                    self._warm_up_model_logging()
+                while not stop.finish_requested():
+                    stop.raise_if_requested()
+                    if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
                         break
-                    # Budget taken, but trials still run: wait until they finish or their worker is
-                    # found dead (then they are retried here), so the study always completes.
-                    time.sleep(self.settings.heartbeat_interval)
-                    optuna.storages.fail_stale_trials(self.study)
-                    continue
-                if count.failed >= max_failures:
-                    raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit {max_failures}); "
-                                         "see the mnist_tune.error tags of their MLflow runs")
-                self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
-                                    callbacks=[self._after_trial(trials_bar)])
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            trials_bar.close()
-        if self.stop_requested:
-            raise Interrupted("stopped after finishing the current trial, as asked", self.stop_requested)
+                    trials = self.study.get_trials(deepcopy=False)
+                    count = count_budget(trials)
+                    if count.waiting == 0 and count.used >= self.settings.trials:
+                        if not count.running:
+                            break
+                        # Budget taken, but trials still run: wait until they finish or their worker is
+                        # found dead (then they are retried here), so the study always completes.
+                        stop.sleep(self.settings.heartbeat_interval)
+                        optuna.storages.fail_stale_trials(self.study)
+                        continue
+                    if count.failed >= max_failures:
+                        raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit "
+                                             f"{max_failures}); see the mnist_tune.error tags of their MLflow runs")
+                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
+                                        callbacks=[self._after_trial(trials_bar)])
+            finally:
+                trials_bar.close()
+            if stop.finish_requested():
+                raise stop.Interrupted("stopped after finishing the current trial, as asked", stop.finish_requested())
         return count_budget(self.study.get_trials(deepcopy=False))
 
     def _warm_up_model_logging(self) -> None:
@@ -444,18 +433,6 @@ class Worker:
             self.tracker.warm_up_model_logging(build_model(self.sweep.model), input_example(self.data))
         except Exception as e:  # every trial's model would fail the same way: stop before training
             raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {_first_line(e)}") from e
-
-    def _install_signal_handlers(self) -> dict:
-        """SIGTERM/SIGINT interrupt the current trial (it ends FAIL, its run KILLED) — or, with
-        finish_trial_on_signal, the first one lets it finish and the second interrupts."""
-        def on_signal(signum, frame):
-            if self.settings.finish_trial_on_signal and not self.stop_requested:
-                self.stop_requested = signum
-                self.log(f"signal {signum}: finishing the current trial, then stopping (again to abort)")
-                return
-            raise Interrupted(f"received signal {signum}", signum)
-
-        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _after_trial(self, trials_bar):
         def callback(study: optuna.Study, trial: FrozenTrial) -> None:

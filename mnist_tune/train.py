@@ -29,6 +29,7 @@ from mnist_tune.mlp_step import ExplicitMLPStep
 from mnist_tune.models import as_input
 from mnist_tune.optim import FlatAdamW, schedule_table
 from mnist_tune.steps import EagerSteps, GraphedSteps
+from mnist_tune.stop import raise_if_requested
 
 SCHEDULES = ("constant", "cosine", "onecycle")
 EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hundreds of steps
@@ -197,6 +198,7 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
                 order = torch.randperm(n, device=device, generator=shuffle)
                 loss_sum.zero_()
                 for batch in order.split(hp.batch_size):
+                    raise_if_requested()  # a study's Ctrl-C/SIGTERM stops here, never mid-write (stop.py)
                     run_step(batch, step)
                     step += 1
                 train_loss = loss_sum.item() / n  # the one host sync of the epoch

@@ -94,3 +94,31 @@ def test_nan_loss_fails_the_run_with_one_line(synthetic_env, tmp_path):
 def test_data_fetch_prints_folder(synthetic_env, tmp_path):
     proc = run_cli("data", "fetch", env=synthetic_env)
     assert proc.stdout.strip() == str(tmp_path / "data")
+
+
+@pytest.mark.parametrize("signum", [15, 2])  # SIGTERM, Ctrl-C
+def test_signal_stops_training_and_kills_the_run(synthetic_env, tmp_path, signum):
+    import time
+
+    from conftest import CLI
+
+    proc = subprocess.Popen([*CLI, "train", "--epochs", "5000", "--val-size", "200", "--hidden-sizes", "32"],
+                            env=synthetic_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is logged
+        try:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        except Exception:  # the store is still being created
+            runs = []
+        if runs and "val_acc" in runs[0].data.metrics:
+            break
+        time.sleep(0.3)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert err.count("\n") == 1 and f"interrupted (received signal {signum})" in err
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and "Interrupted" in run.data.tags["mnist_tune.error"]
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert epochs == list(range(1, len(epochs) + 1)) and 0 < len(epochs) < 5000  # queued epochs written too
