@@ -1,7 +1,7 @@
 """The ``mnist-tune`` command line. Thin: parse, call, turn known errors into one line.
 
 Every user error (MnistTuneError, bad option) prints ``error: <message>`` on stderr and exits
-with status 2; a diverged or interrupted run exits 1. Validation happens before training and
+with status 2; a diverged run exits 1; Ctrl-C / SIGTERM exit 130 / 143. Validation happens before training and
 before anything is written to a store.
 """
 
@@ -243,7 +243,7 @@ def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, 
     try:
         count = worker.run()
         worker.finish(plots=not no_plots)
-    except KeyboardInterrupt as e:  # Ctrl-C, or stop.Interrupted (SIGTERM: 143)
+    except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM 143, Ctrl-C 130), or Ctrl-C outside the loop
         worker.interrupted()
         fail(f"interrupted ({e or 'Ctrl-C'}); the current trial was closed, rerun the command to finish the study",
              code=getattr(e, "exit_code", 130))

@@ -7,14 +7,14 @@ the trial and its run then waits on that lock until SQLite's timeout, and so doe
 heartbeat thread (seen in CI: a worker still running 60 s after SIGTERM). So inside
 ``signals_deferred`` the handler only records the request, and the code raises
 ``Interrupted`` itself where no store is mid-write: between training steps (``fit`` calls
-``raise_if_requested``) and between trials (the study loop).
+``raise_if_requested``) and between trials (the study loop). Only a further signal, once
+a stop is under way, raises at once: the user insists.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from contextlib import contextmanager
 
@@ -30,16 +30,17 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
-_abort = 0  # the signal number once the work should stop now
-_finish = 0  # the signal number once it should stop after the current trial
+_requested = 0  # the signal that asked to stop now
+_raised = False  # Interrupted was raised for it: clean-up is under way
+_finish = 0  # the signal that asked to stop after the current trial
 
 
 def raise_if_requested() -> None:
     """Raise Interrupted (once) if a signal asked to stop now. Cheap: called before every training step."""
-    global _abort
-    if _abort:
-        signum, _abort = _abort, 0
-        raise Interrupted(f"received signal {signum}", signum)
+    global _raised
+    if _requested and not _raised:
+        _raised = True
+        raise Interrupted(f"received signal {_requested}", _requested)
 
 
 def finish_requested() -> int:
@@ -56,29 +57,39 @@ def sleep(seconds: float) -> None:
     raise_if_requested()
 
 
+def _say(message: str) -> None:
+    try:  # os.write: the main thread may be inside a print to the same (buffered) stream
+        os.write(2, f"{message}\n".encode())
+    except OSError:  # stderr closed, or its reader gone: the handler must not raise
+        pass
+
+
 @contextmanager
 def signals_deferred(finish_first: bool = False):
     """Within: SIGTERM/SIGINT are recorded instead of raised. With ``finish_first`` the first
-    one only asks to stop after the current trial; the next one (or, without it, the first)
-    asks to stop now. A request still pending on the way out is raised there."""
-    global _abort, _finish
+    one only asks to stop after the current trial (callers check ``finish_requested``); the
+    next one (without it, the first) asks to stop at the next check; one more, once that
+    stop is under way, raises at once, wherever it lands. A request that no check saw before
+    the block ends is dropped: the work it would have stopped is done. Not re-entrant."""
+    global _requested, _raised, _finish
 
     def on_signal(signum, frame):
-        global _abort, _finish
+        global _requested, _finish
+        if _requested:  # asked again: the user insists, stop now rather than cleanly
+            raise Interrupted(f"received signal {signum} again", signum)
         if finish_first and not _finish:
             _finish = signum
-            # os.write: the main thread may be inside a print to the same (buffered) stream
-            os.write(sys.stderr.fileno(),
-                     f"signal {signum}: finishing the current trial, then stopping (again to abort)\n".encode())
+            _say(f"signal {signum}: finishing the current trial, then stopping (again to abort)")
         else:
-            _abort = signum
+            _requested = signum
 
-    _abort = _finish = 0
-    previous = {signum: signal.signal(signum, on_signal) for signum in SIGNALS}
+    _requested, _raised, _finish = 0, False, 0
+    previous = {}
     try:
+        for signum in SIGNALS:
+            previous[signum] = signal.signal(signum, on_signal)
         yield
-        raise_if_requested()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _abort = _finish = 0
+        _requested, _raised, _finish = 0, False, 0

@@ -198,7 +198,7 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
                 order = torch.randperm(n, device=device, generator=shuffle)
                 loss_sum.zero_()
                 for batch in order.split(hp.batch_size):
-                    raise_if_requested()  # a study's Ctrl-C/SIGTERM stops here, never mid-write (stop.py)
+                    raise_if_requested()  # Ctrl-C/SIGTERM stop training here, never mid-write (stop.py)
                     run_step(batch, step)
                     step += 1
                 train_loss = loss_sum.item() / n  # the one host sync of the epoch

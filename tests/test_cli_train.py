@@ -102,20 +102,20 @@ def test_signal_stops_training_and_kills_the_run(synthetic_env, tmp_path, signum
 
     from conftest import CLI
 
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")  # creates the store first
     proc = subprocess.Popen([*CLI, "train", "--epochs", "5000", "--val-size", "200", "--hidden-sizes", "32"],
                             env=synthetic_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is logged
-        try:
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is logged
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        except Exception:  # the store is still being created
-            runs = []
-        if runs and "val_acc" in runs[0].data.metrics:
-            break
-        time.sleep(0.3)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=60)
+            if runs and "val_acc" in runs[0].data.metrics:
+                break
+            time.sleep(0.3)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 128 + signum, err
     assert err.count("\n") == 1 and f"interrupted (received signal {signum})" in err
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
