@@ -31,7 +31,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 _requested = 0  # the signal that asked to stop now
-_raised = False  # Interrupted was raised for it: clean-up is under way
+_raised = False  # Interrupted was raised for it (once; the clean-up that follows must run)
 _finish = 0  # the signal that asked to stop after the current trial
 
 
@@ -68,8 +68,8 @@ def _say(message: str) -> None:
 def signals_deferred(finish_first: bool = False):
     """Within: SIGTERM/SIGINT are recorded instead of raised. With ``finish_first`` the first
     one only asks to stop after the current trial (callers check ``finish_requested``); the
-    next one (without it, the first) asks to stop at the next check; one more, once that
-    stop is under way, raises at once, wherever it lands. A request that no check saw before
+    next one (without it, the first) asks to stop at the next check; any signal after that
+    raises at once, wherever it lands (the user insists). A request that no check saw before
     the block ends is dropped: the work it would have stopped is done. Not re-entrant."""
     global _requested, _raised, _finish
 
