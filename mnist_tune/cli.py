@@ -1,8 +1,8 @@
 """The ``mnist-tune`` command line. Thin: parse, call, turn known errors into one line.
 
 Every user error (MnistTuneError, bad option) prints ``error: <message>`` on stderr and exits
-with status 2; a diverged run exits 1; Ctrl-C / SIGTERM exit 130 / 143. Validation happens before training and
-before anything is written to a store.
+with status 2; a diverged run exits 1; Ctrl-C / SIGTERM exit 130 / 143. Validation happens
+before training and before anything is written to a store.
 """
 
 from __future__ import annotations
