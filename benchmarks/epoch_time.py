@@ -114,10 +114,9 @@ def main() -> None:
                 seeds.append(statistics.median(seed_epochs(model_name, root, batch_size, args.epochs, device)))
                 for variant in variants:
                     timed, first, setup = our_epochs(model_name, splits, batch_size, args.epochs, device, variant)
-                    ours[variant].append(statistics.median(timed))
-                    print(f"{model_name:6} {batch_size:>5} {seeds[-1]:>12.3f} {variant:>12} {ours[variant][-1]:>12.4f} "
-                          f"{seeds[-1] / ours[variant][-1]:>8.1f}x {first - ours[variant][-1]:>17.2f} {setup:>8.2f}",
-                          flush=True)
+                    ours[variant].append(median := statistics.median(timed))
+                    print(f"{model_name:6} {batch_size:>5} {seeds[-1]:>12.3f} {variant:>12} {median:>12.4f} "
+                          f"{seeds[-1] / median:>8.1f}x {first - median:>17.2f} {setup:>8.2f}", flush=True)
             if args.repeats > 1:
                 for variant in variants:
                     ratios = sorted(seed / our for seed, our in zip(seeds, ours[variant]))

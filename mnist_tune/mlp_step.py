@@ -1,16 +1,15 @@
 """The MLP's training step written out by hand: forward, cross-entropy and backward, no autograd.
 
 Why: at batch 100 an MLP epoch is 550 steps whose matmuls take 0.16-0.45 ms each on the
-project's 2-core VMs (benchmarks/step_breakdown.py), and
-autograd's graph building plus the per-module dispatch cost about half as much again. Written
-out, a step is a few matmuls and a handful of in-place element-wise ops, with the gradients
-written straight into the optimizer's buffer. Given the same dropout masks it computes what
-autograd computes for ``cross_entropy(model(x), y)`` (tests/test_train.py compares the loss
-and every gradient), so it is an implementation detail of ``fit``, not a different model: the
-trained ``MLP`` is used, evaluated and exported as usual. The masks are drawn as
-``rand < q``, layer by layer, as the model's own ``Dropout`` draws them on the CPU (models.py),
-so there a seed gives the autograd path's run (off the CPU the model uses nn.Dropout's kernel;
-with p = 1 neither draws).
+project's 2-core VMs (benchmarks/step_breakdown.py), and autograd's graph building plus the
+per-module dispatch cost about half as much again. Written out, a step is a few matmuls and a
+handful of in-place element-wise ops, with the gradients written straight into the optimizer's
+buffer. Given the same dropout masks it computes what autograd computes for
+``cross_entropy(model(x), y)`` (tests/test_train.py compares the loss and every gradient), so
+it is an implementation detail of ``fit``, not a different model: the trained ``MLP`` is used,
+evaluated and exported as usual. The masks are drawn as ``rand < q``, layer by layer, as the
+model's own ``Dropout`` draws them on the CPU (models.py), so there a seed gives the autograd
+path's run (off the CPU the model uses nn.Dropout's kernel; with p = 1 neither draws).
 
 Per hidden layer (z = h W^T + b, then ReLU, then inverted dropout with keep-probability q),
 where the layer's output is a / q:

@@ -399,31 +399,28 @@ class Worker:
                                                                                              self.settings.trials))
         self.study.set_user_attr("budget", self.settings.trials)  # for `mnist-tune status`
         # Signals are acted on between training steps and between trials (stop.py says why).
-        with stop.signals_deferred(finish_first=self.settings.finish_trial_on_signal):
-            try:
-                if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
-                    self._warm_up_model_logging()
-                while not stop.finish_requested():
-                    stop.raise_if_requested()
-                    if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
+        with stop.signals_deferred(finish_first=self.settings.finish_trial_on_signal), trials_bar:
+            if count.used < self.settings.trials:  # trials to run: model logging's start-up cost, once, now
+                self._warm_up_model_logging()
+            while not stop.finish_requested():
+                stop.raise_if_requested()
+                if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
+                    break
+                trials = self.study.get_trials(deepcopy=False)
+                count = count_budget(trials)
+                if count.waiting == 0 and count.used >= self.settings.trials:
+                    if not count.running:
                         break
-                    trials = self.study.get_trials(deepcopy=False)
-                    count = count_budget(trials)
-                    if count.waiting == 0 and count.used >= self.settings.trials:
-                        if not count.running:
-                            break
-                        # Budget taken, but trials still run: wait until they finish or their worker is
-                        # found dead (then they are retried here), so the study always completes.
-                        stop.sleep(self.settings.heartbeat_interval)
-                        optuna.storages.fail_stale_trials(self.study)
-                        continue
-                    if count.failed >= max_failures:
-                        raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit "
-                                             f"{max_failures}); see the mnist_tune.error tags of their MLflow runs")
-                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
-                                        callbacks=[self._after_trial(trials_bar)])
-            finally:
-                trials_bar.close()
+                    # Budget taken, but trials still run: wait until they finish or their worker is
+                    # found dead (then they are retried here), so the study always completes.
+                    stop.sleep(self.settings.heartbeat_interval)
+                    optuna.storages.fail_stale_trials(self.study)
+                    continue
+                if count.failed >= max_failures:
+                    raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit {max_failures}); "
+                                         "see the mnist_tune.error tags of their MLflow runs")
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
+                                    callbacks=[self._after_trial(trials_bar)])
             if stop.finish_requested():
                 raise stop.Interrupted("stopped after finishing the current trial, as asked", stop.finish_requested())
         return count_budget(self.study.get_trials(deepcopy=False))
