@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import CLI, make_synthetic_mnist  # noqa: E402
+from helpers import CLI, make_synthetic_mnist  # noqa: E402
 from test_workers import WORKER_SWEEP  # noqa: E402
 
 

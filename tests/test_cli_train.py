@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from helpers import run_cli
 
 # Loads a logged model in a fresh interpreter where mnist_tune and einops cannot be imported,
 # and prints its accuracy on the given IDX test set: proves the artifact is self-contained.
@@ -100,7 +100,7 @@ def test_data_fetch_prints_folder(synthetic_env, tmp_path):
 def test_signal_stops_training_and_kills_the_run(synthetic_env, tmp_path, signum):
     import time
 
-    from conftest import CLI
+    from helpers import CLI
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")  # creates the store first
     proc = subprocess.Popen([*CLI, "train", "--epochs", "5000", "--val-size", "200", "--hidden-sizes", "32"],

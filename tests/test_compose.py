@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PG_ADMIN_URL, REPO, drop_database, free_port, stop_process, wait_for_http
+from helpers import PG_ADMIN_URL, REPO, drop_database, free_port, stop_process, wait_for_http
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES
+from helpers import DEVICES
 from mnist_tune.optim import FlatAdamW, schedule_table
 
 

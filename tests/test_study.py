@@ -9,7 +9,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from helpers import run_cli
 
 # lr 1e-6 learns nothing (pruned once a good trial exists), lr inf diverges (FAIL).
 TINY_SWEEP = """

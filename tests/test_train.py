@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES
+from helpers import DEVICES
 from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CLI, run_cli
+from helpers import CLI, run_cli
 from test_study import check_study_matches_mlflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
