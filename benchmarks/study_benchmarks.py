@@ -37,7 +37,7 @@ def run_one(spec: str, data_dir: str | None, device: str) -> dict:
         os.environ["MNIST_TUNE_HOME"] = home  # a fresh embedded store per run
         from mnist_tune.config import SWEEPS_DIR, load_sweep
         from mnist_tune.data import load_mnist
-        from mnist_tune.study import Worker, WorkerSettings
+        from mnist_tune.worker import Worker, WorkerSettings
         from mnist_tune.tracking import Tracker
         from mnist_tune.train import resolve_device
 

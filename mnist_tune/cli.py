@@ -1,8 +1,9 @@
-"""The ``mnist-tune`` command line. Thin: parse, call, turn known errors into one line.
+"""The ``mnist-tune`` command line: each command parses, calls one function, prints.
 
 Every user error (MnistTuneError, bad option) prints ``error: <message>`` on stderr and exits
-with status 2; a diverged run exits 1; Ctrl-C / SIGTERM exit 130 / 143. Validation happens
-before training and before anything is written to a store.
+with status 2 (a diverged run: 1); Ctrl-C / SIGTERM exit 130 / 143. Validation happens before
+training and before anything is written to a store. Modules load inside the commands, so
+``--help``, errors and the read-only commands do not pay for torch or MLflow.
 """
 
 from __future__ import annotations
@@ -31,7 +32,58 @@ def data_dir_option(f):
                         help="Where the MNIST files live [default: ~/.cache/mnist-tune].")(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+                        help="table for people; json/csv with full precision for machines.")(f)
+
+
+def storage_options(f):
+    f = click.option("--tracking-uri-file", envvar="MLFLOW_TRACKING_URI_FILE", default=None,
+                     type=click.Path(dir_okay=False), help="File holding the tracking URI.")(f)
+    f = tracking_option(f)
+    f = click.option("--storage-file", envvar="MNIST_TUNE_STORAGE_FILE", default=None,
+                     type=click.Path(dir_okay=False), help="File holding the storage URL.")(f)
+    f = click.option("--storage", envvar="MNIST_TUNE_STORAGE", default=None,
+                     help="Optuna storage URL [default: sqlite under ./mlruns]; or $MNIST_TUNE_STORAGE.")(f)
+    return f
+
+
+def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
+    from mnist_tune.stores import from_file
+
+    return from_file(storage, storage_file, "storage"), from_file(tracking_uri, tracking_uri_file, "tracking URI")
+
+
+def _storage(storage_url: str | None):
+    """An existing storage: a read command never creates one."""
+    from mnist_tune.stores import resolve_storage, sqlite_path
+    from mnist_tune.study import open_storage
+
+    path = sqlite_path(resolve_storage(storage_url))
+    if path is not None and not path.exists():
+        raise MnistTuneError(f"no Optuna storage at {path}; run `mnist-tune study ...` first or pass --storage")
+    return open_storage(storage_url)
+
+
+def _existing_study(storage_url: str | None, name: str):
+    from mnist_tune.study import load_existing_study
+
+    return load_existing_study(_storage(storage_url), name)
+
+
+class _Stopped(Exception):
+    """Carries Ctrl-C/SIGTERM past click, which would turn it into a bare Abort."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Stopped from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="mnist-tune")
 def cli():
     """Optuna sweeps over MNIST models, every trial tracked in MLflow."""
@@ -51,8 +103,7 @@ def data_fetch(data_dir):
     """Find or fetch MNIST, verify checksums, print where the files are."""
     from mnist_tune.data import prefetch
 
-    folder = prefetch(data_dir, log=lambda msg: click.echo(msg, err=True))
-    click.echo(str(folder))
+    click.echo(str(prefetch(data_dir, log=lambda msg: click.echo(msg, err=True))))
 
 
 # ---------------------------------------------------------------------------- train
@@ -68,6 +119,10 @@ def _hidden_sizes(ctx, param, value):
     if not sizes or min(sizes) < 1:
         raise click.BadParameter(f"{value!r}: sizes must be positive")
     return sizes
+
+
+MODEL_FLAGS = {"mlp": {"hidden_sizes"},
+               "mixer": {"patch_size", "dim", "depth", "token_expansion", "channel_expansion"}}
 
 
 @cli.command()
@@ -96,90 +151,32 @@ def _hidden_sizes(ctx, param, value):
 @click.option("--run-name", default=None)
 @data_dir_option
 @tracking_option
-def train(model_name, batch_size, lr, dropout, weight_decay, schedule, epochs, seed, val_size, hidden_sizes,
-          patch_size, dim, depth, token_expansion, channel_expansion, device, amp, compile_model, cuda_graph,
-          experiment, run_name, data_dir, tracking_uri):
+def train(model_name, device, val_size, experiment, run_name, data_dir, tracking_uri, **options):
     """Train one model with explicit hyperparameters, tracked as one MLflow run."""
     from mnist_tune.data import load_mnist
-    from mnist_tune.run import Diverged, check_model_hp, train_and_log
-    from mnist_tune.stop import signals_deferred
+    from mnist_tune.run import check_model_hp, split_hyperparameters, train_run
     from mnist_tune.tracking import Tracker
-    from mnist_tune.train import TrainConfig, resolve_device
+    from mnist_tune.train import resolve_device
 
-    model_hp = {"dropout": dropout}
-    extra = {"hidden_sizes": hidden_sizes, "patch_size": patch_size, "dim": dim, "depth": depth,
-             "token_expansion": token_expansion, "channel_expansion": channel_expansion}
-    allowed = {"mlp": {"hidden_sizes"}, "mixer": {"patch_size", "dim", "depth", "token_expansion",
-                                                  "channel_expansion"}}[model_name]
-    for key, value in extra.items():
-        if value is None:
-            continue
-        if key not in allowed:
+    params = {"compile": options.pop("compile_model"), **options}
+    for key in set(MODEL_FLAGS["mlp"] | MODEL_FLAGS["mixer"]) - MODEL_FLAGS[model_name]:
+        if params.pop(key) is not None:
             raise MnistTuneError(f"--{key.replace('_', '-')} does not apply to --model {model_name}")
-        model_hp[key] = value
     # Validate everything before any data is fetched or anything is written.
-    hp = TrainConfig(batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                     epochs=epochs, seed=seed, amp=amp, compile=compile_model,
-                     cuda_graph=cuda_graph)
+    model_hp, hp = split_hyperparameters({k: v for k, v in params.items() if v is not None})
     check_model_hp(model_name, model_hp)
     torch_device = resolve_device(device)
     tracker = Tracker(tracking_uri)  # checks the server is reachable; writes nothing yet
-    splits = load_mnist(data_dir, val_size=val_size, seed=seed)
-
-    experiment_id = tracker.experiment(experiment)
-    run_id = tracker.start_run(experiment_id, run_name or f"{model_name}-train",
-                               tags={"mnist_tune.model": model_name, "mnist_tune.kind": "train"})
-    try:
-        with signals_deferred():  # Ctrl-C/SIGTERM stop at the next step, never mid-write (stop.py)
-            outcome = train_and_log(tracker, run_id, model_name, model_hp, hp, splits, torch_device)
-    except Diverged as e:
-        tracker.set_tags(run_id, {"mnist_tune.error": str(e)})
-        tracker.end_run(run_id, "FAILED")
-        fail(f"training diverged: {e} (run {run_id} marked FAILED)", code=1)
-    except BaseException as e:  # Ctrl-C, SIGTERM or a crash: the run must not stay RUNNING
-        interrupted = isinstance(e, KeyboardInterrupt)  # stop.Interrupted is one
-        tracker.set_tags(run_id, {"mnist_tune.error": f"{type(e).__name__}: {e}"})
-        tracker.end_run(run_id, "KILLED" if interrupted else "FAILED")
-        if interrupted:
-            fail(f"interrupted ({e or 'Ctrl-C'}); run {run_id} marked KILLED", code=getattr(e, "exit_code", 130))
-        raise
-    tracker.end_run(run_id, "FINISHED")
-    final = outcome.history[-1]
-    click.echo(f"run {run_id}: val_acc {final.val_acc:.4f}  test_acc {outcome.test_acc:.4f}  "
-               f"({sum(m.epoch_seconds for m in outcome.history) / len(outcome.history):.2f} s/epoch)")
+    splits = load_mnist(data_dir, val_size=val_size, seed=hp.seed)
+    run_id, outcome = train_run(tracker, experiment, run_name or f"{model_name}-train", model_name, model_hp, hp,
+                                splits, torch_device)
+    seconds = sum(m.epoch_seconds for m in outcome.history) / len(outcome.history)
+    click.echo(f"run {run_id}: val_acc {outcome.history[-1].val_acc:.4f}  test_acc {outcome.test_acc:.4f}  "
+               f"({seconds:.2f} s/epoch)")
     click.echo(f"model: runs:/{run_id}/model   tracking: {tracker.uri}")
 
 
 # ---------------------------------------------------------------------------- study
-
-
-def _from_file(value: str | None, file: str | None, what: str) -> str | None:
-    """A URL given directly, or read from a file (keeps passwords off the command line)."""
-    if value or not file:
-        return value
-    try:
-        text = open(file).read().strip()
-    except OSError as e:
-        raise MnistTuneError(f"cannot read {what} file {file}: {e.strerror}") from None
-    if not text:
-        raise MnistTuneError(f"{what} file {file} is empty")
-    return text
-
-
-def storage_options(f):
-    f = click.option("--tracking-uri-file", envvar="MLFLOW_TRACKING_URI_FILE", default=None,
-                     type=click.Path(dir_okay=False), help="File holding the tracking URI.")(f)
-    f = tracking_option(f)
-    f = click.option("--storage-file", envvar="MNIST_TUNE_STORAGE_FILE", default=None,
-                     type=click.Path(dir_okay=False), help="File holding the storage URL.")(f)
-    f = click.option("--storage", envvar="MNIST_TUNE_STORAGE", default=None,
-                     help="Optuna storage URL [default: sqlite under ./mlruns]; or $MNIST_TUNE_STORAGE.")(f)
-    return f
-
-
-def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
-    return (_from_file(storage, storage_file, "storage"),
-            _from_file(tracking_uri, tracking_uri_file, "tracking URI"))
 
 
 @cli.command()
@@ -206,151 +203,66 @@ def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
               help="Torch CPU threads [default: all cores]; use cores/workers when several run on one host.")
 @data_dir_option
 @storage_options
-def study(model_name, sweep_file, trials, study_name, device, epochs, val_size, timeout, seed, heartbeat_interval,
-          grace_period, max_retry, max_failures, no_plots, finish_trial_on_signal, threads, data_dir, storage,
-          storage_file, tracking_uri, tracking_uri_file):
+def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, data_dir, storage, storage_file,
+          tracking_uri, tracking_uri_file, **settings):
     """Run (or join, or finish) an Optuna study; every trial is a nested MLflow run."""
-    import time
-
     from mnist_tune.config import sweep_for
-    from mnist_tune.data import load_mnist
-    from mnist_tune.study import Worker, WorkerSettings
-    from mnist_tune.tracking import Tracker
-    from mnist_tune.train import resolve_device
+    from mnist_tune.study import WorkerSettings
 
-    started = time.perf_counter()
     if not model_name and not sweep_file:
         raise MnistTuneError("give --model mlp|mixer or --sweep FILE")
     storage, tracking_uri = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
-    sweep = sweep_for(model_name, sweep_file)
-    sweep = sweep.with_overrides(epochs=epochs, val_size=val_size)
-    if grace_period <= heartbeat_interval:
-        raise MnistTuneError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval}")
-    torch_device = resolve_device(device)
-    if threads:
-        import torch
+    sweep = sweep_for(model_name, sweep_file).with_overrides(epochs=epochs, val_size=val_size)
+    settings = WorkerSettings(storage=storage, **settings)
+    from mnist_tune.worker import run_study  # torch and MLflow: only once the input is known good
 
-        torch.set_num_threads(threads)
-    tracker = Tracker(tracking_uri)
-    settings = WorkerSettings(trials=trials, storage=storage, study_name=study_name, timeout=timeout, seed=seed,
-                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                              max_retry=max_retry, max_failures=max_failures,
-                              finish_trial_on_signal=finish_trial_on_signal)
-    # Moved to the device once per worker, not once per trial.
-    splits = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
-    worker = Worker(sweep, settings, tracker, splits, torch_device, log=lambda m: click.echo(m, err=True))
-    worker.open()
-    try:
-        count = worker.run()
-        worker.finish(plots=not no_plots)
-    except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM 143, Ctrl-C 130), or Ctrl-C outside the loop
-        worker.interrupted()
-        fail(f"interrupted ({e or 'Ctrl-C'}); the current trial was closed, rerun the command to finish the study",
-             code=getattr(e, "exit_code", 130))
-    wall = time.perf_counter() - started
-    click.echo(f"study {worker.name}: {count.finished}/{trials} trials ({count.complete} complete, "
-               f"{count.pruned} pruned, {count.failed} failed) in {wall:.0f} s"
-               + (f"; this worker ran {worker.trials_run}" if worker.trials_run != count.finished else ""))
-    _print_best(worker.study, sweep.metric)
-    top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
-    click.echo(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall time: "
-               + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")")
-    if worker.trial_seconds:
-        click.echo(f"  inside trials: {worker.trial_tracking_seconds:.1f} s of {worker.trial_seconds:.0f} s "
-                   f"({100 * worker.trial_tracking_seconds / worker.trial_seconds:.1f} %)")
-    click.echo("UI: mnist-tune ui" + ("" if tracker.is_embedded else f" or {tracker.uri}"))
-
-
-def _best_trial(study_obj):
-    try:
-        return study_obj.best_trial
-    except ValueError:
-        return None
-
-
-def _print_best(study_obj, metric: str) -> None:
-    best = _best_trial(study_obj)
-    if best is None:
-        click.echo("no completed trial yet")
-        return
-    run_id = best.user_attrs.get("mlflow_run_id", "?")
-    click.echo(f"best trial {best.number}: {metric} {best.value:.4f}  test_acc "
-               f"{best.user_attrs.get('test_acc', float('nan')):.4f}  run {run_id}")
-    click.echo(f"model: runs:/{run_id}/model")
+    for line in run_study(sweep, settings, tracking_uri, data_dir, device, threads, plots=not no_plots,
+                          log=lambda m: click.echo(m, err=True)):
+        click.echo(line)
 
 
 @cli.command()
 @click.option("--study", "study_name", required=True)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@format_option
 @storage_options
-def best(study_name, as_json, storage, storage_file, tracking_uri, tracking_uri_file):
+def best(study_name, as_json, fmt, storage, storage_file, tracking_uri, tracking_uri_file):
     """The best trial: number, params, val/test accuracy, MLflow run id."""
-    import json
+    from mnist_tune.output import best_table, render
+    from mnist_tune.study import best_record
 
-    from mnist_tune.study import WorkerSettings, load_existing_study, open_storage
-
-    storage, _ = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
-    found = load_existing_study(open_storage(storage, WorkerSettings(trials=1)), study_name)
-    trial = _best_trial(found)
-    if trial is None:
-        raise MnistTuneError(f"study {study_name!r} has no completed trial yet")
-    metric = found.user_attrs.get("sweep", {}).get("metric", "value")
-    record = {"study": study_name, "trial": trial.number, "metric": metric, "value": trial.value,
-              "test_acc": trial.user_attrs.get("test_acc"), "run_id": trial.user_attrs.get("mlflow_run_id"),
-              "model_uri": f"runs:/{trial.user_attrs.get('mlflow_run_id')}/model", "params": trial.params}
-    if as_json:
-        click.echo(json.dumps(record, indent=2))
-        return
-    click.echo(f"study {study_name}: best trial {trial.number}")
-    click.echo(f"  {metric:<10} {trial.value:.4f}")
-    click.echo(f"  test_acc   {record['test_acc']:.4f}" if record["test_acc"] is not None else "  test_acc   -")
-    click.echo(f"  run_id     {record['run_id']}")
-    click.echo(f"  model      {record['model_uri']}")
-    for key, value in trial.params.items():
-        click.echo(f"  {key:<10} {value}")
+    found = _existing_study(_urls(storage, storage_file, tracking_uri, tracking_uri_file)[0], study_name)
+    click.echo(render(best_record(found), "json" if as_json else fmt, best_table))
 
 
 @cli.command()
 @click.option("--study", "study_name", required=True)
+@format_option
 @storage_options
-def status(study_name, storage, storage_file, tracking_uri, tracking_uri_file):
+def status(study_name, fmt, storage, storage_file, tracking_uri, tracking_uri_file):
     """Trials by state, live workers (by heartbeat), budget left, best so far."""
-    from mnist_tune.study import WorkerSettings, open_storage, study_status
+    from mnist_tune.output import render, status_table
+    from mnist_tune.study import status_record
 
-    storage, _ = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
-    st = study_status(open_storage(storage, WorkerSettings(trials=1)), study_name)
-    states = ", ".join(f"{n} {k.lower()}" for k, n in sorted(st.by_state.items())) or "no trials"
-    click.echo(f"study {st.name}: {states}")
-    click.echo(f"  live workers: {len(st.live)}" + (f" (running trials {', '.join(map(str, st.live))})"
-                                                     if st.live else ""))
-    click.echo(f"  budget: {st.budget} trials, {st.count.used} used, {st.left} left" if st.budget is not None
-               else "  budget: unknown (no worker has started)")
-    if st.best is not None:
-        click.echo(f"  best: trial {st.best.number}, value {st.best.value:.4f}, test_acc "
-                   f"{st.best.user_attrs.get('test_acc', float('nan')):.4f}, run {st.best.user_attrs.get('mlflow_run_id')}")
-    else:
-        click.echo("  best: none yet")
+    storage_url, _ = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
+    click.echo(render(status_record(_storage(storage_url), study_name), fmt, status_table))
 
 
 @cli.command()
 @click.option("--study", "study_name", required=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@format_option
 @storage_options
 def runs(study_name, fmt, storage, storage_file, tracking_uri, tracking_uri_file):
-    """All trials of a study, from MLflow, best first."""
-    from mnist_tune.tracking import Tracker, trials_table
+    """All trials of a study, best first (from the Optuna storage)."""
+    from mnist_tune.output import render, trials_table
+    from mnist_tune.study import SWEEP_ATTR, study_metric, trial_rows
 
-    _, tracking_uri = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
-    table = trials_table(Tracker(tracking_uri), study_name)
-    if fmt == "csv":
-        click.echo(table.to_csv(index=False), nl=False)
-    elif fmt == "json":
-        click.echo(table.to_json(orient="records", indent=2))
-    else:
-        import pandas as pd
+    found = _existing_study(_urls(storage, storage_file, tracking_uri, tracking_uri_file)[0], study_name)
+    fixed = found.user_attrs.get(SWEEP_ATTR, {}).get("fixed", {})
+    click.echo(render(trial_rows(found), fmt, lambda rows: trials_table(rows, study_name, study_metric(found), fixed)))
 
-        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
-            click.echo(table.to_string(index=False))
+
+# ------------------------------------------------------------------------ models
 
 
 def _model_uri(run_id, model_uri) -> str:
@@ -373,8 +285,7 @@ def evaluate(run_id, model_uri, data_dir, tracking_uri):
     uri = _model_uri(run_id, model_uri)
     tracker = Tracker(tracking_uri)
     logged = tracker.get_run(run_id).data.metrics.get("test_acc") if run_id else None
-    model = load_model(uri, tracker.uri)
-    _, acc = evaluate_split(model, *load_test_split(data_dir))
+    _, acc = evaluate_split(load_model(uri, tracker.uri), *load_test_split(data_dir))
     click.echo(f"{uri}: test_acc {acc:.4f}" + (f" (logged {logged:.4f})" if logged is not None else ""))
 
 
@@ -406,7 +317,7 @@ def ui(host, port, tracking_uri):
     """Start the MLflow UI on the embedded store (or show where a server's UI is)."""
     import os
 
-    from mnist_tune.tracking import resolve_tracking_uri
+    from mnist_tune.stores import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
@@ -421,10 +332,14 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except MnistTuneError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except click.exceptions.Abort:
         fail("interrupted", code=130)
     except click.ClickException as e:
         fail(e.format_message(), code=e.exit_code)
+    except _Stopped as stopped:  # stop.Interrupted (SIGTERM 143, Ctrl-C 130), or a plain Ctrl-C
+        e = stopped.__cause__
+        outcome = getattr(e, "outcome", "")
+        fail(f"interrupted ({e or 'Ctrl-C'})" + (f"; {outcome}" if outcome else ""), code=getattr(e, "exit_code", 130))
     except KeyboardInterrupt:
         fail("interrupted", code=130)

@@ -2,8 +2,13 @@
 
 
 class MnistTuneError(Exception):
-    """A problem the user can fix (bad input, missing data, unreachable server).
+    """A problem the user can fix (bad input, missing data, unreachable server) or a run that
+    ended badly (a diverged run: exit status 1).
 
     Raised before anything is written wherever possible; the CLI prints ``error: <message>``
-    and exits with status 2. Anything else that escapes is a bug and keeps its traceback.
+    and exits with ``exit_code``. Anything else that escapes is a bug and keeps its traceback.
     """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

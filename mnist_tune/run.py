@@ -1,8 +1,8 @@
 """One tracked training run: build, fit, log every epoch, test, log the model.
 
-Shared by ``mnist-tune train`` (a lone run) and the study's objective (a trial's child run),
-so both record the same params and metric names. Ending the run is the caller's job: only it
-knows whether the run was pruned, failed or finished.
+Shared by ``mnist-tune train`` (a lone run, ``train_run``) and the study's objective (a
+trial's child run), so both record the same params and metric names. ``record.run_lifecycle``
+ends the run; only the caller knows whether it was pruned.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Callable
 
 import torch
 
+from mnist_tune import record, stop
 from mnist_tune.data import MNISTSplits
+from mnist_tune.errors import MnistTuneError
 from mnist_tune.models import as_input, build_model
 from mnist_tune.progress import bar
 from mnist_tune.tracking import Tracker
-from mnist_tune.train import EpochMetrics, FitResult, TrainConfig, evaluate, fit, seed_everything
+from mnist_tune.train import EpochMetrics, TrainConfig, evaluate, fit, seed_everything
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -29,7 +31,6 @@ class Diverged(Exception):
 
 @dataclass
 class RunOutcome:
-    fit: FitResult
     test_acc: float | None = None
     model_uri: str | None = None
     history: list[EpochMetrics] = field(default_factory=list)
@@ -53,7 +54,7 @@ def model_params(model_name: str, model_hp: dict) -> dict:
 def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict, hp: TrainConfig,
                   data: MNISTSplits, device: torch.device,
                   on_epoch: Callable[[int, EpochMetrics], None] | None = None,
-                  log_model: bool = True, progress_position: int = 0) -> RunOutcome:
+                  progress_position: int = 0) -> RunOutcome:
     """Train and record into ``run_id``. Raises Diverged on a NaN/inf loss, and whatever
     ``on_epoch`` raises (the study raises optuna.TrialPruned)."""
     seed_everything(hp.seed)
@@ -74,16 +75,31 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
         result = fit(model, data, hp, device, on_epoch=after_epoch)
         if result.status == "diverged":
             raise Diverged(result.message)
-        outcome = RunOutcome(fit=result, history=result.history)
+        outcome = RunOutcome(history=result.history)
         # The test split is for the final report only; nothing is chosen by it.
         _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
         tracker.queue_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
     finally:
         epochs.close()
         _flush_epoch_metrics(tracker, run_id)
-    if log_model:
-        outcome.model_uri = tracker.log_model(run_id, model, input_example(data))
+    outcome.model_uri = tracker.log_model(run_id, model, input_example(data))
     return outcome
+
+
+def train_run(tracker: Tracker, experiment: str, run_name: str, model_name: str, model_hp: dict,
+              hp: TrainConfig, data: MNISTSplits, device: torch.device) -> tuple[str, RunOutcome]:
+    """``mnist-tune train``: one run in ``experiment``, ended FINISHED, FAILED or KILLED."""
+    run_id = tracker.start_run(tracker.experiment(experiment), run_name,
+                               tags={record.MODEL: model_name, record.KIND: "train"})
+    try:
+        # Ctrl-C/SIGTERM stop at the next step, never mid-write (stop.py)
+        with stop.signals_deferred(), record.run_lifecycle(tracker, run_id):
+            return run_id, train_and_log(tracker, run_id, model_name, model_hp, hp, data, device)
+    except Diverged as e:
+        raise MnistTuneError(f"training diverged: {e} (run {run_id} marked FAILED)", exit_code=1) from None
+    except stop.Interrupted as e:
+        e.outcome = f"run {run_id} marked KILLED"
+        raise
 
 
 def _flush_epoch_metrics(tracker: Tracker, run_id: str) -> None:

@@ -28,6 +28,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, signum: int = signal.SIGTERM):
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.outcome = ""  # what was closed on the way out, for the CLI's one line
 
 
 _requested = 0  # the signal that asked to stop now

@@ -116,7 +116,7 @@ def test_signal_inside_a_storage_write_lets_it_finish(synthetic_env, tmp_path):
     from sqlalchemy import event
 
     from mnist_tune.config import sweep_for
-    from mnist_tune.study import Worker, WorkerSettings
+    from mnist_tune.worker import Worker, WorkerSettings
     from mnist_tune.tracking import Tracker
 
     (tmp_path / "signal.yaml").write_text(SIGNAL_SWEEP)

@@ -194,7 +194,7 @@ def test_study_against_real_mlflow_server(synthetic_env, tmp_path, tiny_sweep, m
 def test_read_commands_reject_unknown_names(synthetic_env, tmp_path, tiny_sweep):
     run_cli("study", "--sweep", tiny_sweep, "--trials", "1", "--no-plots", env=synthetic_env)
     for args, message in [(["best", "--study", "nope"], "no study named 'nope' in this storage; studies: tiny"),
-                          (["runs", "--study", "nope"], "no study 'nope' in MLflow"),
+                          (["runs", "--study", "nope"], "no study named 'nope' in this storage; studies: tiny"),
                           (["evaluate", "--run-id", "0123abc"], "no MLflow run with id '0123abc'"),
                           (["predict", "--run-id", "x", "missing.png"], "missing.png: no such file")]:
         proc = run_cli(*args, env=synthetic_env, check=False)

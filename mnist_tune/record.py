@@ -1,0 +1,166 @@
+"""A study's record in MLflow, and every tag and attribute name of it, spelled once.
+
+    experiment  <study name>                      one per study
+    parent run  study-<study name>                role=study; best trial, plots, the sweep file
+    child run   trial-<n>  (mlflow.parentRunId)   role=trial; params, per-epoch metrics, model
+    registry    mnist-<model>@champion            the best trial's model
+
+The Optuna study links back with user attributes (``PARENT_ATTR`` on the study, ``RUN_ATTR``
+on each trial). This module talks to MLflow only through a ``Tracker`` and imports neither
+MLflow nor Optuna, so the read-only commands can use its names cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+# MLflow run tags
+ROLE = "mnist_tune.role"  # "study" (parent) or "trial" (child)
+STUDY = "mnist_tune.study"
+TRIAL = "mnist_tune.trial"
+MODEL = "mnist_tune.model"
+SAMPLER = "mnist_tune.sampler"
+STATE = "mnist_tune.state"  # the trial's Optuna state: RUNNING, COMPLETE, PRUNED or FAIL
+ERROR = "mnist_tune.error"
+PRUNED = "mnist_tune.pruned"
+RETRY_OF = "mnist_tune.retry_of_trial"
+KIND = "mnist_tune.kind"  # "train" for a lone `mnist-tune train` run
+FINGERPRINT = "mnist_tune.sweep_fingerprint"
+BEST_TRIAL, BEST_RUN_ID = "best_trial", "best_run_id"  # on the parent run
+# Optuna user attributes that link the two stores
+PARENT_ATTR = "mlflow_parent_run_id"  # study -> its parent run
+EXPERIMENT_ATTR = "mlflow_experiment_id"
+RUN_ATTR = "mlflow_run_id"  # trial -> its child run
+MODEL_URI_ATTR = "model_uri"
+TEST_ACC_ATTR = "test_acc"
+ERROR_ATTR = "error"
+CHAMPION = "champion"
+
+# How a run ends, as (MLflow status, Optuna state)
+FINISHED, PRUNED_END, FAILED, KILLED = ("FINISHED", "COMPLETE"), ("KILLED", "PRUNED"), ("FAILED", "FAIL"), \
+    ("KILLED", "FAIL")
+
+
+def registered_name(model: str) -> str:
+    return f"mnist-{model}"
+
+
+def error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def close_run(tracker, run_id: str, end: tuple[str, str], message: str = "") -> None:
+    """Write the run's final state (and why) and end it."""
+    status, state = end
+    tags = {STATE: state}
+    if message:
+        tags[PRUNED if end == PRUNED_END else ERROR] = message
+    tracker.set_tags(run_id, tags)
+    tracker.end_run(run_id, status)
+
+
+@contextlib.contextmanager
+def run_lifecycle(tracker, run_id: str, pruned: tuple[type[BaseException], ...] = ()):
+    """End ``run_id`` exactly once, however the block ends: FINISHED; KILLED if pruned (an
+    exception of a ``pruned`` type) or interrupted (Ctrl-C, SIGTERM); FAILED with the error.
+    A failure to close never hides the exception that ended the block."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, pruned):
+            end, message = PRUNED_END, str(e)
+        else:
+            end, message = (KILLED if isinstance(e, KeyboardInterrupt) else FAILED), error_text(e)
+        try:
+            close_run(tracker, run_id, end, message)
+        except Exception as close_error:
+            warnings.warn(f"run {run_id}: could not record how it ended ({close_error}); it ended with {e!r}")
+        raise
+    close_run(tracker, run_id, FINISHED)
+
+
+class StudyRecord:
+    """The study's experiment and parent run, and the runs of its trials."""
+
+    def __init__(self, tracker, study: str, experiment_id: str, parent_run_id: str):
+        self.tracker, self.study = tracker, study
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+
+    @classmethod
+    def attach(cls, tracker, study: str, model: str, fingerprint: str, params: dict,
+               sweep_file=None, known_parent: str | None = None) -> StudyRecord:
+        """The study's one parent run, reopened: the known one if it still exists, else the
+        oldest one found; when workers race to create it, the losers delete theirs."""
+        experiment_id = tracker.experiment(study, tags={STUDY: study})
+        if known_parent and tracker.run_status(known_parent) is not None:
+            parent = known_parent
+        else:
+            found = cls._parent_runs(tracker, experiment_id, study)
+            if not found:
+                mine = tracker.start_run(experiment_id, f"study-{study}", tags={
+                    ROLE: "study", STUDY: study, MODEL: model, FINGERPRINT: fingerprint})
+                tracker.log_params(mine, params)
+                if sweep_file is not None:
+                    tracker.log_artifact(mine, sweep_file, "sweep")
+                found = cls._parent_runs(tracker, experiment_id, study)
+                if mine in found[1:]:
+                    tracker.delete_run(mine)
+            parent = found[0]
+        tracker.set_status(parent, "RUNNING")
+        return cls(tracker, study, experiment_id, parent)
+
+    @staticmethod
+    def _parent_runs(tracker, experiment_id: str, study: str) -> list[str]:
+        """Oldest first, ties broken by id, so every worker agrees on the winner."""
+        runs = tracker.search_runs(experiment_id, f"tags.`{ROLE}` = 'study' AND tags.`{STUDY}` = '{study}'", 50)
+        return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+
+    # ---- trials ---------------------------------------------------------------------
+
+    def start_trial(self, number: int, model: str, sampler: str, retry_of: int | None = None) -> str:
+        tags = {ROLE: "trial", STUDY: self.study, TRIAL: number, MODEL: model, SAMPLER: sampler, STATE: "RUNNING"}
+        if retry_of is not None:
+            tags[RETRY_OF] = retry_of
+        return self.tracker.start_run(self.experiment_id, f"trial-{number}", self.parent_run_id, tags)
+
+    def close_stale(self, run_id: str, reason: str) -> None:
+        """A run whose worker died: FAILED with the reason (nothing if already closed)."""
+        if self.tracker.run_status(run_id) == "RUNNING":
+            close_run(self.tracker, run_id, FAILED, reason)
+
+    def reconcile(self, states: dict[int, str]) -> None:
+        """Trial runs still RUNNING whose trial (number -> Optuna state name) has ended, as
+        after a crash between the two stores, are closed as FAILED."""
+        running = self.tracker.search_runs(
+            self.experiment_id, f"tags.`{ROLE}` = 'trial' AND attributes.status = 'RUNNING'")
+        for run in running:
+            number = int(run.data.tags.get(TRIAL, -1))
+            if states.get(number, "RUNNING") != "RUNNING":
+                self.close_stale(run.info.run_id, f"trial {number} ended as {states[number]}")
+
+    # ---- the best trial ---------------------------------------------------------------
+
+    def promote(self, model: str, run_id: str, model_uri: str | None) -> None:
+        """Point mnist-<model>@champion at the version registered from ``run_id``, registering
+        ``model_uri`` first unless done already (so the alias ends on the best trial whatever
+        order concurrent workers promoted in)."""
+        if not run_id or not model_uri:
+            return
+        name = registered_name(model)
+        versions = self.tracker.model_versions(name, run_id)
+        version = versions[-1] if versions else self.tracker.register_model(name, model_uri)
+        self.tracker.set_alias(name, CHAMPION, version)
+
+    def log_best(self, metric: str, value: float, test_acc: float, number: int, run_id: str,
+                 step: int, **counts: int) -> None:
+        self.tracker.log_metrics(self.parent_run_id, {f"best_{metric}": value, "best_test_acc": test_acc,
+                                                      "best_trial": number, **counts}, step=step)
+        self.tracker.set_tags(self.parent_run_id, {BEST_TRIAL: number, BEST_RUN_ID: run_id})
+
+    def log_files(self, paths, folder: str) -> None:
+        for path in paths:
+            self.tracker.log_artifact(self.parent_run_id, path, folder)
+
+    def end(self, status: str) -> None:
+        self.tracker.end_run(self.parent_run_id, status)

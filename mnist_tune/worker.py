@@ -1,0 +1,277 @@
+"""One worker's share of a study: an objective that trains a trial into its own MLflow run,
+and a loop that keeps to the study's budget. Any number of workers (processes, hosts) may
+run on the same study at once; study.py says how the budget and dead workers are handled.
+
+    worker = Worker(sweep, WorkerSettings(trials=40), Tracker(), data, device)
+    worker.open(); worker.run(); worker.finish()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_tune import record, stop
+from mnist_tune.config import Sweep
+from mnist_tune.errors import MnistTuneError
+from mnist_tune.progress import bar
+from mnist_tune.space import suggest
+from mnist_tune.stores import first_line, resolve_storage, sqlite_path
+from mnist_tune.study import (BUDGET_ATTR, SURPLUS_ATTR, WORKER_ATTR, BudgetCount, WorkerSettings, best_trial, count_budget, create_or_load, dead_local_trials, live_trials,
+                              make_sampler, open_storage, this_worker)
+from mnist_tune.tracking import Tracker
+
+
+class BudgetSurplus(Exception):
+    """This trial started after the budget was used up by others; it ends FAIL, untrained."""
+
+
+class Worker:
+    """One process's share of a study: the objective and the budget loop."""
+
+    def __init__(self, sweep: Sweep, settings: WorkerSettings, tracker: Tracker, data, device, log=None):
+        self.sweep, self.settings, self.tracker, self.data, self.device = sweep, settings, tracker, data, device
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.name = settings.study_name or sweep.name
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
+        self.storage = open_storage(settings.storage, settings.heartbeat_interval, settings.grace_period,
+                                    on_stale=self._on_stale_trial)
+        self.study: optuna.Study | None = None
+        self.record: record.StudyRecord | None = None
+        self.trials_run = 0
+        self.trial_seconds = self.trial_tracking_seconds = 0.0
+
+    def open(self) -> None:
+        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
+        for trial in dead_local_trials(self.study):  # no grace period to wait out for these
+            if self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                self._on_stale_trial(self.study, trial)
+        live = live_trials(self.storage, self.study)
+        if live and sqlite_path(resolve_storage(self.settings.storage)):
+            where = live[0].user_attrs.get(WORKER_ATTR, "another process")
+            raise MnistTuneError(
+                f"study {self.name!r} already has a live worker (trial {live[0].number} running in {where}) on "
+                "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
+                "(--storage postgresql://…)")
+        # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
+        # the first ones; concurrent workers (live trials) draw different points.
+        seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
+        seed += len(self.study.get_trials(deepcopy=False))
+        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
+        self.record = record.StudyRecord.attach(
+            self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(), self._study_params(),
+            self.sweep.path if os.path.isfile(self.sweep.path) else None,
+            self.study.user_attrs.get(record.PARENT_ATTR))
+        self.study.set_user_attr(record.PARENT_ATTR, self.record.parent_run_id)
+        self.study.set_user_attr(record.EXPERIMENT_ATTR, self.record.experiment_id)
+        self.record.reconcile({t.number: t.state.name for t in self.study.get_trials(deepcopy=False)})
+
+    def _study_params(self) -> dict:
+        sweep = self.sweep
+        return {"study_name": self.name, "sweep": sweep.name, "model": sweep.model, "metric": sweep.metric,
+                "direction": sweep.direction, "sampler": sweep.sampler["name"], "pruner": sweep.pruner["name"],
+                "epochs": sweep.epochs, "val_size": sweep.val_size, "budget": self.settings.trials,
+                **{f"fixed.{k}": v for k, v in sweep.fixed.items()}}
+
+    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """The trial's worker died: close its run, then queue a retry."""
+        if trial.user_attrs.get(record.RUN_ATTR) and self.record is not None:
+            self.record.close_stale(trial.user_attrs[record.RUN_ATTR],
+                                    f"worker stopped sending heartbeats (trial {trial.number})")
+        self.log(f"trial {trial.number}: its worker died; marked FAIL and queued for retry")
+        self.retry(study, trial)
+
+    # ---- the objective ----------------------------------------------------------------
+
+    def objective(self, trial: optuna.Trial) -> float:
+        started, tracked = time.perf_counter(), self.tracker.seconds
+        try:
+            return self._train_trial(trial)
+        except BaseException as e:  # keep the reason on the trial; Optuna records only FAIL
+            if not isinstance(e, (BudgetSurplus, optuna.TrialPruned)) and record.ERROR_ATTR not in trial.user_attrs:
+                trial.set_user_attr(record.ERROR_ATTR, record.error_text(e)[:1000])
+            raise
+        finally:  # the tracking-overhead figure: MLflow time inside trials / trial wall time
+            self.trial_seconds += time.perf_counter() - started
+            self.trial_tracking_seconds += self.tracker.seconds - tracked
+
+    def _train_trial(self, trial: optuna.Trial) -> float:
+        from mnist_tune.run import split_hyperparameters, train_and_log  # torch: only where trials train
+
+        trials = self.study.get_trials(deepcopy=False)
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(
+            next(t for t in trials if t.number == trial.number))  # a live Trial has no system attrs
+        if retry_of is None and count_budget(trials, below=trial.number).used >= self.settings.trials:
+            trial.set_user_attr(SURPLUS_ATTR, True)  # lost a race for the last slot: not run
+            raise BudgetSurplus
+        trial.set_user_attr(WORKER_ATTR, this_worker())
+        hp = {**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": (self.settings.seed or 0) + trial.number}
+        model_hp, train_hp = split_hyperparameters(hp)
+        run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"], retry_of)
+        trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
+
+        def report(epoch, metrics):
+            value = getattr(metrics, self.sweep.metric)
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch} ({self.sweep.metric} {value:.4f})")
+
+        with record.run_lifecycle(self.tracker, run_id, pruned=(optuna.TrialPruned,)):
+            outcome = train_and_log(self.tracker, run_id, self.sweep.model, model_hp, train_hp, self.data,
+                                    self.device, on_epoch=report, progress_position=1)
+            trial.set_user_attr(record.TEST_ACC_ATTR, outcome.test_acc)
+            trial.set_user_attr(record.MODEL_URI_ATTR, outcome.model_uri)
+        value = getattr(outcome.history[-1], self.sweep.metric)
+        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if all(self._better(value, t.value) for t in done if t.number != trial.number):
+            self.record.promote(self.sweep.model, run_id, outcome.model_uri)
+            self.record.log_best(self.sweep.metric, value, outcome.test_acc, trial.number, run_id, step=trial.number)
+        return value
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.sweep.direction == "maximize" else value < than
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def run(self) -> BudgetCount:
+        """Run trials until the study's budget is used, the timeout passes or failures pile up."""
+        started, budget = time.monotonic(), self.settings.trials
+        max_failures = self.settings.max_failures or budget
+        count = count_budget(self.study.get_trials(deepcopy=False))
+        self.study.set_user_attr(BUDGET_ATTR, budget)  # for `mnist-tune status`
+        trials_bar = bar(budget, f"study {self.name}", "trial", initial=min(count.finished, budget))
+        # Signals are acted on between training steps and between trials (stop.py says why).
+        with stop.signals_deferred(finish_first=self.settings.finish_trial_on_signal), trials_bar:
+            if count.used < budget:  # trials to run: model logging's start-up cost, once, now
+                self._warm_up_model_logging()
+            while not stop.finish_requested():
+                stop.raise_if_requested()
+                if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
+                    break
+                count = count_budget(self.study.get_trials(deepcopy=False))
+                if count.waiting == 0 and count.used >= budget:
+                    if not count.running:
+                        break
+                    # Budget taken, but trials still run: wait until they finish or their worker is
+                    # found dead (then they are retried here), so the study always completes.
+                    stop.sleep(self.settings.heartbeat_interval)
+                    optuna.storages.fail_stale_trials(self.study)
+                    continue
+                if count.failed >= max_failures:
+                    raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit {max_failures}); "
+                                         f"see the {record.ERROR} tags of their MLflow runs")
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
+                                    callbacks=[lambda study, trial: self._after_trial(trial, trials_bar)])
+            if stop.finish_requested():
+                raise stop.Interrupted("stopped after finishing the current trial, as asked", stop.finish_requested())
+        return count_budget(self.study.get_trials(deepcopy=False))
+
+    def _warm_up_model_logging(self) -> None:
+        from mnist_tune.models import build_model
+        from mnist_tune.run import input_example
+
+        try:
+            self.tracker.warm_up_model_logging(build_model(self.sweep.model), input_example(self.data))
+        except Exception as e:  # every trial's model would fail the same way: stop before training
+            raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {first_line(e)}") from e
+
+    def _after_trial(self, trial: FrozenTrial, trials_bar) -> None:
+        if trial.user_attrs.get(SURPLUS_ATTR):
+            return
+        self.trials_run += 1
+        trials_bar.update(1)
+        if trial.state == TrialState.FAIL:
+            self.log(f"trial {trial.number} failed: {trial.user_attrs.get(record.ERROR_ATTR, 'see its MLflow run')}")
+        if (best := best_trial(self.study)) is not None:
+            trials_bar.set_postfix(best=f"{best.value:.4f}")
+
+    # ---- the end --------------------------------------------------------------------------
+
+    def finish(self, plots: bool = True) -> None:
+        """Close the parent run when the study's budget is spent and nothing runs; attach
+        plots. Idempotent, so every worker may call it."""
+        trials = self.study.get_trials(deepcopy=False)
+        self.record.reconcile({t.number: t.state.name for t in trials})
+        count = count_budget(trials)
+        if count.running or count.waiting or count.used < self.settings.trials:
+            return
+        best = best_trial(self.study)
+        if best is not None:
+            run_id = best.user_attrs.get(record.RUN_ATTR, "")
+            self.record.log_best(self.sweep.metric, best.value, best.user_attrs.get(record.TEST_ACC_ATTR, math.nan),
+                                 best.number, run_id, step=len(trials), trials_complete=count.complete,
+                                 trials_pruned=count.pruned, trials_failed=count.failed)
+            self.record.promote(self.sweep.model, run_id, best.user_attrs.get(record.MODEL_URI_ATTR))
+            if plots:
+                self._log_plots()
+        self.record.end("FINISHED")
+
+    def _log_plots(self) -> None:
+        from mnist_tune.plots import write_study_plots
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.record.log_files(write_study_plots(self.study, folder, self.sweep.metric, log=self.log), "plots")
+
+    def interrupted(self) -> None:
+        """After Ctrl-C/SIGTERM: if no other worker is mid-trial, the parent run is KILLED."""
+        if self.record and not count_budget(self.study.get_trials(deepcopy=False)).running:
+            self.record.end("KILLED")
+
+
+def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, data_dir, device: str,
+              threads: int | None = None, plots: bool = True, log=None) -> list[str]:
+    """``mnist-tune study``: join the study, run trials until its budget is spent, close it.
+    Returns the summary lines to print."""
+    import torch
+
+    from mnist_tune.data import load_mnist
+    from mnist_tune.train import resolve_device
+
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    tracker = Tracker(tracking_uri)  # checks a server is reachable; writes nothing yet
+    # Moved to the device once per worker, not once per trial.
+    data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
+    worker = Worker(sweep, settings, tracker, data, torch_device, log)
+    worker.open()
+    try:
+        count = worker.run()
+        worker.finish(plots=plots)
+    except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
+        worker.interrupted()
+        e.outcome = "the current trial was closed, rerun the command to finish the study"
+        raise
+    return summary(worker, count, time.perf_counter() - started)
+
+
+def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
+    """What the study did, its best trial, and what tracking cost."""
+    budget, tracker = worker.settings.trials, worker.tracker
+    lines = [f"study {worker.name}: {count.finished}/{budget} trials ({count.complete} complete, "
+             f"{count.pruned} pruned, {count.failed} failed) in {wall:.0f} s"
+             + (f"; this worker ran {worker.trials_run}" if worker.trials_run != count.finished else "")]
+    best = best_trial(worker.study)
+    if best is None:
+        lines.append("no completed trial yet")
+    else:
+        run_id = best.user_attrs.get(record.RUN_ATTR, "?")
+        lines += [f"best trial {best.number}: {worker.sweep.metric} {best.value:.4f}  test_acc "
+                  f"{best.user_attrs.get(record.TEST_ACC_ATTR, math.nan):.4f}  run {run_id}",
+                  f"model: runs:/{run_id}/model"]
+    top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
+    lines.append(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall "
+                 "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")")
+    if worker.trial_seconds:
+        lines.append(f"  inside trials: {worker.trial_tracking_seconds:.1f} s of {worker.trial_seconds:.0f} s "
+                     f"({100 * worker.trial_tracking_seconds / worker.trial_seconds:.1f} %)")
+    lines.append("UI: mnist-tune ui" + ("" if tracker.is_embedded else f" or {tracker.uri}"))
+    return lines
