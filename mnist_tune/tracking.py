@@ -241,7 +241,7 @@ class Tracker:
         """A new version of registered model ``name`` from a logged model; returns the version.
         mlflow.register_model also tags the logged model, so the UI links both ways."""
         with contextlib.redirect_stderr(io.StringIO()):  # it prints two lines per call
-            return mlflow.register_model(model_uri, name).version
+            return str(mlflow.register_model(model_uri, name).version)
 
     @_timed
     def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -251,7 +251,7 @@ class Tracker:
     def model_versions(self, name: str, run_id: str) -> list[str]:
         """Versions of ``name`` registered from ``run_id``, oldest first."""
         found = self.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
-        return sorted((v.version for v in found), key=int)
+        return sorted((str(v.version) for v in found), key=int)
 
 
 def _model_options(model, example) -> dict:

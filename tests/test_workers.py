@@ -7,6 +7,7 @@ import time
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from helpers import CLI, run_cli
 from test_study import check_study_matches_mlflow
@@ -183,3 +184,31 @@ def test_sqlite_refuses_a_second_live_worker(synthetic_env, tmp_path):
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=60)
+
+
+def test_killed_embedded_worker_is_recovered_at_once(synthetic_env, tmp_path):
+    """kill -9 mid-trial on the embedded default, then the same command at once: no grace
+    period to wait out (the dead worker ran on this host), the trial is FAIL and retried."""
+    (tmp_path / "multi.yaml").write_text(WORKER_SWEEP)
+    env = {**synthetic_env, "OMP_NUM_THREADS": "1"}
+    args = ["--trials", 2, "--epochs", 150]
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    first = start_worker(env, *args)
+    try:
+        killed = wait_for_running_trial(storage, "multi")
+        first.kill()
+    finally:
+        first.communicate(timeout=60)
+    started = time.monotonic()
+    proc = run_cli("study", "--sweep", "multi.yaml", "--no-plots", *args, env=env)
+    assert time.monotonic() - started < 60  # not the default 30 s grace period plus a trial or two
+    assert f"trial {killed.number}: its worker died" in proc.stderr and "2/2 trials" in proc.stdout
+    study = optuna.load_study(study_name="multi", storage=storage)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[killed.number] == "FAIL" and "RUNNING" not in states.values()
+    retries = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("multi").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"

@@ -1,0 +1,165 @@
+"""The generic MLflow adapter (tracking.py) and the study's layout on it (record.py), against
+real SQLite stores."""
+
+import json
+
+import pytest
+import torch
+
+from mnist_tune import record, tracking
+from mnist_tune.models import as_input, build_model
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return tracking.Tracker(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+
+
+def example():
+    return as_input(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)).numpy()
+
+
+def test_epoch_metrics_are_written_together(tmp_path, monkeypatch):
+    """Per-epoch metrics wait in the tracker until the flush interval or the run's end."""
+
+
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = tracker.start_run(tracker.experiment("batching"), "run")
+
+    def history():
+        return [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "val_acc")]
+
+    for epoch in (1, 2):
+        tracker.queue_metrics(run_id, {"val_acc": epoch / 10}, step=epoch)
+    assert history() == []
+    tracker.flush_metrics(run_id)
+    assert history() == [(1, 0.1), (2, 0.2)]
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)  # a slow epoch: due at once
+    tracker.queue_metrics(run_id, {"val_acc": 0.3}, step=3)
+    assert history() == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_model_logging_warm_up_writes_nothing(tmp_path, monkeypatch):
+    """The study's one-time export warm-up saves to a throwaway folder, not into the store."""
+    import tempfile
+
+    import torch
+
+
+
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the throwaway folder goes here
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = tracker.experiment("warm-up")
+    example = as_input(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)).numpy()
+    tracker.warm_up_model_logging(build_model("mixer", patch_size=7, dim=16, depth=1), example)
+    assert tracker.seconds_by_call["warm_up_model_logging"] > 0
+    assert tracker.client.search_runs([experiment_id]) == []
+    assert not list(tmp_path.glob("**/MLmodel"))  # the throwaway copy is gone, nothing else written
+
+
+def test_calls_are_timed_and_runs_nest(tracker):
+    experiment_id = tracker.experiment("timing")
+    assert tracker.experiment("timing") == experiment_id  # found, not created twice
+    parent = tracker.start_run(experiment_id, "parent")
+    child = tracker.start_run(experiment_id, "child", parent, tags={"k": 1})
+    run = tracker.client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["k"] == "1"
+    assert {"experiment", "start_run"} <= set(tracker.seconds_by_call)
+    assert tracker.seconds == pytest.approx(sum(tracker.seconds_by_call.values()))
+    assert tracker.run_status(child) == "RUNNING"
+    tracker.delete_run(child)
+    assert tracker.run_status(child) is None and tracker.run_status("0" * 32) is None
+
+
+def test_artifacts_never_live_under_a_path_made_of_the_name(tracker, tmp_path):
+    experiment = tracker.client.get_experiment(tracker.experiment("../../escape"))
+    location = experiment.artifact_location
+    assert location.startswith((tmp_path / "mlruns" / "artifacts").as_uri()) and "escape" not in location
+
+
+def test_registered_version_and_logged_model_link_both_ways(tracker):
+    run_id = tracker.start_run(tracker.experiment("registry"), "run")
+    model_uri = tracker.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+    version = tracker.register_model("mnist-test", model_uri)
+    tracker.set_alias("mnist-test", "champion", version)
+    assert tracker.model_versions("mnist-test", run_id) == [version]
+    champion = tracker.client.get_model_version_by_alias("mnist-test", "champion")
+    assert champion.run_id == run_id and champion.source == model_uri
+    logged = tracker.client.get_logged_model(model_uri.split("/")[-1])  # what the UI reads for "Registered"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "mnist-test", "version": int(version)}]
+
+
+# ------------------------------------------------------------------ record.py
+
+
+def test_run_lifecycle_ends_each_run_once_with_its_reason(tracker):
+    experiment_id = tracker.experiment("lifecycle")
+
+    class Pruned(Exception):
+        pass
+
+    ends = {}
+    for name, error in [("ok", None), ("pruned", Pruned("pruned after epoch 2")), ("crash", ValueError("boom")),
+                        ("ctrl-c", KeyboardInterrupt())]:
+        run_id = tracker.start_run(experiment_id, name)
+        with pytest.raises(type(error)) if error else _nothing():
+            with record.run_lifecycle(tracker, run_id, pruned=(Pruned,)):
+                if error:
+                    raise error
+        run = tracker.client.get_run(run_id)
+        ends[name] = (run.info.status, run.data.tags[record.STATE], run.data.tags.get(record.ERROR),
+                      run.data.tags.get(record.PRUNED))
+    assert ends == {"ok": ("FINISHED", "COMPLETE", None, None),
+                    "pruned": ("KILLED", "PRUNED", None, "pruned after epoch 2"),
+                    "crash": ("FAILED", "FAIL", "ValueError: boom", None),
+                    "ctrl-c": ("KILLED", "FAIL", "KeyboardInterrupt: ", None)}
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_a_failure_to_close_does_not_hide_why_the_run_ended(tracker):
+    with pytest.warns(UserWarning, match="could not record how it ended"), pytest.raises(ValueError, match="boom"):
+        with record.run_lifecycle(tracker, "0" * 32):  # no such run: closing it fails
+            raise ValueError("boom")
+
+
+def test_study_record_has_one_parent_whoever_attaches(tracker, tmp_path):
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("name: s\n")
+    first = record.StudyRecord.attach(tracker, "s", "mlp", "fp", {"budget": 3}, sweep_file)
+    again = record.StudyRecord.attach(tracker, "s", "mlp", "fp", {"budget": 3}, None, first.parent_run_id)
+    lost = record.StudyRecord.attach(tracker, "s", "mlp", "fp", {"budget": 3})  # parent not known: found by tag
+    assert first.parent_run_id == again.parent_run_id == lost.parent_run_id
+    parent = tracker.client.get_run(first.parent_run_id)
+    assert parent.info.run_name == "study-s" and parent.data.tags[record.ROLE] == "study"
+    assert parent.data.params["budget"] == "3"
+
+
+def test_reconcile_closes_runs_of_trials_that_ended(tracker):
+    study = record.StudyRecord.attach(tracker, "r", "mlp", "fp", {})
+    runs = {n: study.start_trial(n, "mlp", "tpe") for n in range(3)}
+    study.reconcile({0: "COMPLETE", 1: "RUNNING"})  # trial 2 unknown to Optuna: left alone
+    status = {n: tracker.run_status(run_id) for n, run_id in runs.items()}
+    assert status == {0: "FAILED", 1: "RUNNING", 2: "RUNNING"}
+    assert tracker.client.get_run(runs[0]).data.tags[record.ERROR] == "trial 0 ended as COMPLETE"
+    assert tracker.client.get_run(runs[1]).data.tags["mlflow.parentRunId"] == study.parent_run_id
+
+
+def test_champion_moves_to_the_promoted_run_and_reuses_its_version(tracker):
+    study = record.StudyRecord.attach(tracker, "c", "mlp", "fp", {})
+    uris = {}
+    for n in range(2):
+        run_id = study.start_trial(n, "mlp", "tpe")
+        uris[run_id] = tracker.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+    first, second = uris
+    study.promote("mlp", first, uris[first])
+    study.promote("mlp", second, uris[second])
+    study.promote("mlp", first, uris[first])  # a concurrent worker's late promotion: no new version
+    champion = tracker.client.get_model_version_by_alias(record.registered_name("mlp"), record.CHAMPION)
+    assert champion.run_id == first and str(champion.version) == "1"
+    assert len(tracker.client.search_model_versions("name = 'mnist-mlp'")) == 2
