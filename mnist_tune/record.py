@@ -148,9 +148,9 @@ class StudyRecord:
         if not run_id or not model_uri:
             return
         name = registered_name(model)
-        versions = self.tracker.model_versions(name, run_id)
-        version = versions[-1] if versions else self.tracker.register_model(name, model_uri)
-        self.tracker.set_alias(name, CHAMPION, version)
+        versions = self.tracker.models.model_versions(name, run_id)
+        version = versions[-1] if versions else self.tracker.models.register_model(name, model_uri)
+        self.tracker.models.set_alias(name, CHAMPION, version)
 
     def log_best(self, metric: str, value: float, test_acc: float, number: int, run_id: str,
                  step: int, **counts: int) -> None:

@@ -82,7 +82,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
     finally:
         epochs.close()
         _flush_epoch_metrics(tracker, run_id)
-    outcome.model_uri = tracker.log_model(run_id, model, input_example(data))
+    outcome.model_uri = tracker.models.log_model(run_id, model, input_example(data))
     return outcome
 
 

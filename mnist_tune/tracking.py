@@ -48,6 +48,7 @@ METRICS_FLUSH_SECONDS = 10.0
 
 
 def _timed(method):
+    """Add the call's wall time to its Tracker's totals (per method name, for overhead reports)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         started = time.perf_counter()
@@ -55,10 +56,25 @@ def _timed(method):
             return method(self, *args, **kwargs)
         finally:
             elapsed = time.perf_counter() - started
-            self.seconds += elapsed
-            self.seconds_by_call[method.__name__] = self.seconds_by_call.get(method.__name__, 0.0) + elapsed
+            owner = getattr(self, "tracker", self)
+            owner.seconds += elapsed
+            owner.seconds_by_call[method.__name__] = owner.seconds_by_call.get(method.__name__, 0.0) + elapsed
 
     return wrapper
+
+
+def check_reachable(uri: str) -> None:
+    """A tracking server answers /health; other URIs have a scheme MLflow knows."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:
+                reply.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise MnistTuneError(f"MLflow tracking server {redact(uri)} is unreachable: {reason}") from None
+    elif scheme not in ("sqlite", "postgresql", "mysql", "databricks", "file", "") and "+" not in scheme:
+        raise MnistTuneError(f"unsupported tracking URI {redact(uri)}")
 
 
 class Tracker:
@@ -70,7 +86,7 @@ class Tracker:
         self.seconds_by_call: dict[str, float] = {}  # method name -> seconds, for overhead reports
         self._queued: dict[str, list[Metric]] = {}  # run id -> metrics not yet written
         self._flushed_at: dict[str, float] = {}  # run id -> time.monotonic() of its last write
-        self._check_reachable()
+        check_reachable(self.uri)
 
     @functools.cached_property
     def client(self) -> MlflowClient:
@@ -84,17 +100,9 @@ class Tracker:
     def is_embedded(self) -> bool:
         return sqlite_path(self.uri) is not None
 
-    def _check_reachable(self) -> None:
-        scheme = urllib.parse.urlsplit(self.uri).scheme
-        if scheme in ("http", "https"):
-            try:
-                with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as reply:
-                    reply.read()
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                reason = getattr(e, "reason", e)
-                raise MnistTuneError(f"MLflow tracking server {redact(self.uri)} is unreachable: {reason}") from None
-        elif scheme not in ("sqlite", "postgresql", "mysql", "databricks", "file", "") and "+" not in scheme:
-            raise MnistTuneError(f"unsupported tracking URI {redact(self.uri)}")
+    @functools.cached_property
+    def models(self) -> Models:
+        return Models(self)
 
     # ------------------------------------------------------------------- experiments
 
@@ -211,7 +219,12 @@ class Tracker:
     def search_runs(self, experiment_id: str, filter_string: str, max_results: int = 1000) -> list:
         return self.client.search_runs([experiment_id], filter_string, max_results=max_results)
 
-    # ------------------------------------------------------------------------ models
+
+class Models:
+    """Logged models and the registry; calls are timed on the tracker."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
 
     @_timed
     def log_model(self, run_id: str, model, example) -> str:
@@ -240,17 +253,18 @@ class Tracker:
     def register_model(self, name: str, model_uri: str) -> str:
         """A new version of registered model ``name`` from a logged model; returns the version.
         mlflow.register_model also tags the logged model, so the UI links both ways."""
+        self.tracker.client  # noqa: B018  (sets the global tracking URI the fluent call reads)
         with contextlib.redirect_stderr(io.StringIO()):  # it prints two lines per call
             return str(mlflow.register_model(model_uri, name).version)
 
     @_timed
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(name, alias, version)
+        self.tracker.client.set_registered_model_alias(name, alias, version)
 
     @_timed
     def model_versions(self, name: str, run_id: str) -> list[str]:
         """Versions of ``name`` registered from ``run_id``, oldest first."""
-        found = self.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+        found = self.tracker.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
         return sorted((str(v.version) for v in found), key=int)
 
 

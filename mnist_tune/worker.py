@@ -33,76 +33,28 @@ class BudgetSurplus(Exception):
     """This trial started after the budget was used up by others; it ends FAIL, untrained."""
 
 
-class Worker:
-    """One process's share of a study: the objective and the budget loop."""
+class Objective:
+    """A trial: sample hyperparameters, train them into the trial's own child run, report each
+    epoch (Optuna may prune), and promote the model if it is the best so far."""
 
-    def __init__(self, sweep: Sweep, settings: WorkerSettings, tracker: Tracker, data, device, log=None):
-        self.sweep, self.settings, self.tracker, self.data, self.device = sweep, settings, tracker, data, device
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.name = settings.study_name or sweep.name
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
-        self.storage = open_storage(settings.storage, settings.heartbeat_interval, settings.grace_period,
-                                    on_stale=self._on_stale_trial)
-        self.study: optuna.Study | None = None
-        self.record: record.StudyRecord | None = None
-        self.trials_run = 0
-        self.trial_seconds = self.trial_tracking_seconds = 0.0
+    def __init__(self, worker: Worker):
+        self.sweep, self.settings, self.study = worker.sweep, worker.settings, worker.study
+        self.record, self.tracker, self.data, self.device = worker.record, worker.tracker, worker.data, worker.device
+        self.seconds = self.tracking_seconds = 0.0  # inside trials: wall time, and MLflow's share of it
 
-    def open(self) -> None:
-        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
-        for trial in dead_local_trials(self.study):  # no grace period to wait out for these
-            if self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                self._on_stale_trial(self.study, trial)
-        live = live_trials(self.storage, self.study)
-        if live and sqlite_path(resolve_storage(self.settings.storage)):
-            where = live[0].user_attrs.get(WORKER_ATTR, "another process")
-            raise MnistTuneError(
-                f"study {self.name!r} already has a live worker (trial {live[0].number} running in {where}) on "
-                "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
-                "(--storage postgresql://…)")
-        # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
-        # the first ones; concurrent workers (live trials) draw different points.
-        seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
-        seed += len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
-        self.record = record.StudyRecord.attach(
-            self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(), self._study_params(),
-            self.sweep.path if os.path.isfile(self.sweep.path) else None,
-            self.study.user_attrs.get(record.PARENT_ATTR))
-        self.study.set_user_attr(record.PARENT_ATTR, self.record.parent_run_id)
-        self.study.set_user_attr(record.EXPERIMENT_ATTR, self.record.experiment_id)
-        self.record.reconcile({t.number: t.state.name for t in self.study.get_trials(deepcopy=False)})
-
-    def _study_params(self) -> dict:
-        sweep = self.sweep
-        return {"study_name": self.name, "sweep": sweep.name, "model": sweep.model, "metric": sweep.metric,
-                "direction": sweep.direction, "sampler": sweep.sampler["name"], "pruner": sweep.pruner["name"],
-                "epochs": sweep.epochs, "val_size": sweep.val_size, "budget": self.settings.trials,
-                **{f"fixed.{k}": v for k, v in sweep.fixed.items()}}
-
-    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """The trial's worker died: close its run, then queue a retry."""
-        if trial.user_attrs.get(record.RUN_ATTR) and self.record is not None:
-            self.record.close_stale(trial.user_attrs[record.RUN_ATTR],
-                                    f"worker stopped sending heartbeats (trial {trial.number})")
-        self.log(f"trial {trial.number}: its worker died; marked FAIL and queued for retry")
-        self.retry(study, trial)
-
-    # ---- the objective ----------------------------------------------------------------
-
-    def objective(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float:
         started, tracked = time.perf_counter(), self.tracker.seconds
         try:
-            return self._train_trial(trial)
+            return self._train(trial)
         except BaseException as e:  # keep the reason on the trial; Optuna records only FAIL
             if not isinstance(e, (BudgetSurplus, optuna.TrialPruned)) and record.ERROR_ATTR not in trial.user_attrs:
                 trial.set_user_attr(record.ERROR_ATTR, record.error_text(e)[:1000])
             raise
-        finally:  # the tracking-overhead figure: MLflow time inside trials / trial wall time
-            self.trial_seconds += time.perf_counter() - started
-            self.trial_tracking_seconds += self.tracker.seconds - tracked
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.tracking_seconds += self.tracker.seconds - tracked
 
-    def _train_trial(self, trial: optuna.Trial) -> float:
+    def _train(self, trial: optuna.Trial) -> float:
         from mnist_tune.run import split_hyperparameters, train_and_log  # torch: only where trials train
 
         trials = self.study.get_trials(deepcopy=False)
@@ -138,6 +90,56 @@ class Worker:
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.sweep.direction == "maximize" else value < than
 
+
+class Worker:
+    """One process's share of a study: the objective and the budget loop."""
+
+    def __init__(self, sweep: Sweep, settings: WorkerSettings, tracker: Tracker, data, device, log=None):
+        self.sweep, self.settings, self.tracker, self.data, self.device = sweep, settings, tracker, data, device
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.name = settings.study_name or sweep.name
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
+        self.storage = open_storage(settings.storage, settings.heartbeat_interval, settings.grace_period,
+                                    on_stale=self._on_stale_trial)
+        self.study: optuna.Study | None = None
+        self.record: record.StudyRecord | None = None
+        self.objective: Objective | None = None
+        self.trials_run = 0
+
+    def open(self) -> None:
+        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
+        for trial in dead_local_trials(self.study):  # no grace period to wait out for these
+            if self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                self._on_stale_trial(self.study, trial)
+        live = live_trials(self.storage, self.study)
+        if live and sqlite_path(resolve_storage(self.settings.storage)):
+            where = live[0].user_attrs.get(WORKER_ATTR, "another process")
+            raise MnistTuneError(
+                f"study {self.name!r} already has a live worker (trial {live[0].number} running in {where}) on "
+                "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
+                "(--storage postgresql://…)")
+        # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
+        # the first ones; concurrent workers (live trials) draw different points.
+        seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
+        seed += len(self.study.get_trials(deepcopy=False))
+        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
+        self.record = record.StudyRecord.attach(
+            self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(), study_params(self.sweep, self.name, self.settings.trials),
+            self.sweep.path if os.path.isfile(self.sweep.path) else None,
+            self.study.user_attrs.get(record.PARENT_ATTR))
+        self.study.set_user_attr(record.PARENT_ATTR, self.record.parent_run_id)
+        self.study.set_user_attr(record.EXPERIMENT_ATTR, self.record.experiment_id)
+        self.record.reconcile({t.number: t.state.name for t in self.study.get_trials(deepcopy=False)})
+        self.objective = Objective(self)
+
+    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """The trial's worker died: close its run, then queue a retry."""
+        if trial.user_attrs.get(record.RUN_ATTR) and self.record is not None:
+            self.record.close_stale(trial.user_attrs[record.RUN_ATTR],
+                                    f"worker stopped sending heartbeats (trial {trial.number})")
+        self.log(f"trial {trial.number}: its worker died; marked FAIL and queued for retry")
+        self.retry(study, trial)
+
     # ---- the loop -----------------------------------------------------------------------
 
     def run(self) -> BudgetCount:
@@ -150,7 +152,7 @@ class Worker:
         # Signals are acted on between training steps and between trials (stop.py says why).
         with stop.signals_deferred(finish_first=self.settings.finish_trial_on_signal), trials_bar:
             if count.used < budget:  # trials to run: model logging's start-up cost, once, now
-                self._warm_up_model_logging()
+                warm_up_model_logging(self.tracker, self.sweep.model, self.data)
             while not stop.finish_requested():
                 stop.raise_if_requested()
                 if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
@@ -172,15 +174,6 @@ class Worker:
             if stop.finish_requested():
                 raise stop.Interrupted("stopped after finishing the current trial, as asked", stop.finish_requested())
         return count_budget(self.study.get_trials(deepcopy=False))
-
-    def _warm_up_model_logging(self) -> None:
-        from mnist_tune.models import build_model
-        from mnist_tune.run import input_example
-
-        try:
-            self.tracker.warm_up_model_logging(build_model(self.sweep.model), input_example(self.data))
-        except Exception as e:  # every trial's model would fail the same way: stop before training
-            raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {first_line(e)}") from e
 
     def _after_trial(self, trial: FrozenTrial, trials_bar) -> None:
         if trial.user_attrs.get(SURPLUS_ATTR):
@@ -270,8 +263,29 @@ def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
     top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
     lines.append(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall "
                  "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")")
-    if worker.trial_seconds:
-        lines.append(f"  inside trials: {worker.trial_tracking_seconds:.1f} s of {worker.trial_seconds:.0f} s "
-                     f"({100 * worker.trial_tracking_seconds / worker.trial_seconds:.1f} %)")
+    inside = worker.objective
+    if inside.seconds:
+        lines.append(f"  inside trials: {inside.tracking_seconds:.1f} s of {inside.seconds:.0f} s "
+                     f"({100 * inside.tracking_seconds / inside.seconds:.1f} %)")
     lines.append("UI: mnist-tune ui" + ("" if tracker.is_embedded else f" or {tracker.uri}"))
     return lines
+
+
+def study_params(sweep: Sweep, name: str, budget: int) -> dict:
+    """The parent run's params: what the study is."""
+    return {"study_name": name, "sweep": sweep.name, "model": sweep.model, "metric": sweep.metric,
+            "direction": sweep.direction, "sampler": sweep.sampler["name"], "pruner": sweep.pruner["name"],
+            "epochs": sweep.epochs, "val_size": sweep.val_size, "budget": budget,
+            **{f"fixed.{k}": v for k, v in sweep.fixed.items()}}
+
+
+def warm_up_model_logging(tracker: Tracker, model: str, data) -> None:
+    """Pay model logging's one-time start-up before the first trial; a model that cannot be
+    saved would fail every trial the same way, so it stops the worker before any training."""
+    from mnist_tune.models import build_model
+    from mnist_tune.run import input_example
+
+    try:
+        tracker.models.warm_up_model_logging(build_model(model), input_example(data))
+    except Exception as e:
+        raise MnistTuneError(f"cannot save a {model} model with MLflow: {first_line(e)}") from e

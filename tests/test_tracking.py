@@ -52,7 +52,7 @@ def test_model_logging_warm_up_writes_nothing(tmp_path, monkeypatch):
     tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     experiment_id = tracker.experiment("warm-up")
     example = as_input(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)).numpy()
-    tracker.warm_up_model_logging(build_model("mixer", patch_size=7, dim=16, depth=1), example)
+    tracker.models.warm_up_model_logging(build_model("mixer", patch_size=7, dim=16, depth=1), example)
     assert tracker.seconds_by_call["warm_up_model_logging"] > 0
     assert tracker.client.search_runs([experiment_id]) == []
     assert not list(tmp_path.glob("**/MLmodel"))  # the throwaway copy is gone, nothing else written
@@ -80,10 +80,10 @@ def test_artifacts_never_live_under_a_path_made_of_the_name(tracker, tmp_path):
 
 def test_registered_version_and_logged_model_link_both_ways(tracker):
     run_id = tracker.start_run(tracker.experiment("registry"), "run")
-    model_uri = tracker.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
-    version = tracker.register_model("mnist-test", model_uri)
-    tracker.set_alias("mnist-test", "champion", version)
-    assert tracker.model_versions("mnist-test", run_id) == [version]
+    model_uri = tracker.models.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+    version = tracker.models.register_model("mnist-test", model_uri)
+    tracker.models.set_alias("mnist-test", "champion", version)
+    assert tracker.models.model_versions("mnist-test", run_id) == [version]
     champion = tracker.client.get_model_version_by_alias("mnist-test", "champion")
     assert champion.run_id == run_id and champion.source == model_uri
     logged = tracker.client.get_logged_model(model_uri.split("/")[-1])  # what the UI reads for "Registered"
@@ -155,7 +155,7 @@ def test_champion_moves_to_the_promoted_run_and_reuses_its_version(tracker):
     uris = {}
     for n in range(2):
         run_id = study.start_trial(n, "mlp", "tpe")
-        uris[run_id] = tracker.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+        uris[run_id] = tracker.models.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
     first, second = uris
     study.promote("mlp", first, uris[first])
     study.promote("mlp", second, uris[second])
