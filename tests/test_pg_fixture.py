@@ -7,12 +7,20 @@ import pytest
 
 from helpers import ThrowawayPostgres, choose_pg_server, pg_answers, pg_bindir, with_database
 
-pytestmark = pytest.mark.postgres
-
 
 def test_configured_url_wins(monkeypatch):
     monkeypatch.setenv("MNIST_TUNE_TEST_PG", "postgresql://someone@db.example:6543/admin")
     assert choose_pg_server() == ("postgresql://someone@db.example:6543/admin", None)
+
+
+def test_no_server_and_no_binaries_is_one_skip_reason(monkeypatch):
+    import helpers
+
+    monkeypatch.delenv("MNIST_TUNE_TEST_PG", raising=False)
+    monkeypatch.setattr(helpers, "pg_answers", lambda url, timeout=3: False)
+    monkeypatch.setattr(helpers, "pg_bindir", lambda: None)
+    with pytest.raises(helpers.NoPostgres, match="no PostgreSQL server binaries"):
+        helpers.choose_pg_server()
 
 
 def test_with_database_keeps_the_rest_of_the_url():
@@ -20,6 +28,7 @@ def test_with_database_keeps_the_rest_of_the_url():
             == "postgresql://u:p@h:5433/x1?sslmode=disable")
 
 
+@pytest.mark.postgres
 def test_postgres_db_serves_optuna(postgres_db, pg_admin_url):
     """A fresh database on the session's server, usable by Optuna through SQLAlchemy + psycopg."""
     import optuna
@@ -34,12 +43,14 @@ def test_postgres_db_serves_optuna(postgres_db, pg_admin_url):
         assert conn.execute("SELECT current_database()").fetchone()[0] == postgres_db.rsplit("/", 1)[1]
 
 
+@pytest.mark.postgres
 def test_helper_sees_the_session_server(pg_admin_url):
     import helpers
 
     assert helpers.pg_admin_url() == pg_admin_url
 
 
+@pytest.mark.postgres
 def test_throwaway_cluster_starts_and_is_removed():
     """The fallback used when nothing answers on 5432, exercised even where something does."""
     bindir = pg_bindir()
