@@ -81,7 +81,7 @@ def sqlite_path(url_or_path: str | Path) -> Path | None:
     if scheme.split("+")[0].lower() != "sqlite":
         return None
     # sqlite:///relative/file, sqlite:////absolute/file; a query (?timeout=…) is not the path.
-    path = rest[1:] if rest.startswith("/") else rest
+    path = rest.removeprefix("/")
     path = path.split("?", 1)[0]
     if not path or path == ":memory:" or path.startswith("file:"):
         return None

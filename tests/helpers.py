@@ -198,7 +198,7 @@ class ThrowawayPostgres:
         return ["su", self.run_as, "-s", "/bin/sh", "-c", shlex.join(args)]
 
     def _run(self, *args: str, timeout: float = 120) -> None:
-        proc = subprocess.run(self._command(*args), capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(self._command(*args), capture_output=True, text=True, timeout=timeout, check=False,
                               stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             log = self.folder / "server.log" if self.folder else None
