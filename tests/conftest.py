@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import create_database, drop_database, make_synthetic_mnist, start_mlflow_server, stop_process
+from helpers import (NoPostgres, choose_pg_server, create_database, drop_database, make_synthetic_mnist,
+                     set_pg_admin_url, start_mlflow_server, stop_process)
 from mnist_tune.data import MNIST_MD5
 
 
@@ -49,9 +50,25 @@ def mlflow_server(tmp_path_factory):
     stop_process(proc)
 
 
-@pytest.fixture
-def postgres_db():
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    url = create_database()
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    """Admin URL of the session's PostgreSQL: $MNIST_TUNE_TEST_PG, else the server on
+    127.0.0.1:5432, else a throwaway cluster started here (first use only) and removed at the
+    end of the session. Skips the tests that need it only where none can be had at all."""
+    try:
+        url, cluster = choose_pg_server()
+    except NoPostgres as e:
+        pytest.skip(str(e))
+    set_pg_admin_url(url)
     yield url
-    drop_database(url)
+    set_pg_admin_url(None)
+    if cluster is not None:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_db(pg_admin_url):
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    url = create_database(admin_url=pg_admin_url)
+    yield url
+    drop_database(url, admin_url=pg_admin_url)

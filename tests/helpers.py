@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -66,7 +69,6 @@ def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedPro
 
 # ----------------------------------------------------------------- real servers
 
-PG_ADMIN_URL = os.environ.get("MNIST_TUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def free_port() -> int:
@@ -118,22 +120,180 @@ def stop_process(proc) -> None:
             proc.wait()
 
 
-def create_database(prefix: str = "mnist_tune_test") -> str:
+# -------------------------------------------------------------------------- PostgreSQL
+#
+# Where the tests marked `postgres` find a server, in this order (pg_admin_url()):
+#   1. $MNIST_TUNE_TEST_PG, an admin URL (a role that may CREATE/DROP DATABASE), used as given;
+#   2. a PostgreSQL answering on 127.0.0.1:5432 as postgres@postgres (the CI/dev default);
+#   3. a throwaway cluster the session starts itself from the installed binaries (initdb,
+#      pg_ctl: Debian's /usr/lib/postgresql/<v>/bin, else on PATH) in a temporary folder,
+#      trust auth, a free loopback port, its socket in that folder; stopped and removed when
+#      the session ends (the `pg_admin_url` fixture in conftest.py starts it lazily).
+# Only where none of these is possible are those tests skipped, with one reason.
+
+PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Kept for modules that import it; only right for cases 1 and 2 above. Use pg_admin_url()
+# (or the `pg_admin_url` fixture), which also knows the throwaway cluster's address.
+PG_ADMIN_URL = os.environ.get("MNIST_TUNE_TEST_PG", PG_DEFAULT_URL)
+
+_active_admin_url: str | None = None  # set while the session's server is chosen (see pg_admin_url)
+
+
+class NoPostgres(RuntimeError):
+    """No server configured or running and none can be started here: skip, with this reason."""
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL (user, host, port, query) pointing at database ``name``."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+def pg_answers(url: str, timeout: int = 3) -> bool:
+    """Whether a PostgreSQL server accepts this URL (connects and runs SELECT 1)."""
     import psycopg
 
+    try:
+        with psycopg.connect(url, connect_timeout=timeout, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def pg_bindir() -> Path | None:
+    """The newest installed PostgreSQL server binaries (initdb, pg_ctl, postgres), or None."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                        key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.name.split(".")], reverse=True)
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for folder in candidates:
+        if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+            return folder
+    return None
+
+
+class ThrowawayPostgres:
+    """A private PostgreSQL cluster in a temporary folder: ``start()`` -> admin URL, ``stop()``.
+
+    initdb refuses to run as root, so as root every server command runs as the ``postgres``
+    system user (runuser, else su) and the folder is handed to that user.
+    """
+
+    def __init__(self, bindir: Path, user: str = "postgres"):
+        self.bindir = bindir
+        self.run_as = user if os.geteuid() == 0 else None
+        self.folder: Path | None = None
+        self.port: int | None = None
+        self.url: str | None = None
+
+    def _command(self, *args: str) -> list[str]:
+        if self.run_as is None:
+            return list(args)
+        if shutil.which("runuser"):
+            return ["runuser", "-u", self.run_as, "--", *args]
+        import shlex
+
+        return ["su", self.run_as, "-s", "/bin/sh", "-c", shlex.join(args)]
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        proc = subprocess.run(self._command(*args), capture_output=True, text=True, timeout=timeout, check=False,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            log = self.folder / "server.log" if self.folder else None
+            tail = log.read_text()[-2000:] if log and log.is_file() else ""
+            raise RuntimeError(f"{' '.join(args[:2])} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}{tail}")
+
+    def start(self) -> str:
+        if self.run_as is not None:
+            import pwd
+
+            try:
+                account = pwd.getpwnam(self.run_as)
+            except KeyError:
+                raise NoPostgres(f"running as root and there is no {self.run_as!r} user to run initdb as") from None
+        # Not under pytest's tmp_path: that is private to root (0700) and the server user
+        # must reach its data directory and socket.
+        self.folder = Path(tempfile.mkdtemp(prefix="mnist-tune-pg-"))
+        if self.run_as is not None:
+            os.chown(self.folder, account.pw_uid, account.pw_gid)
+        data, sockets = self.folder / "data", self.folder / "sock"
+        self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                  "-E", "UTF8", "--locale=C", "--no-sync")
+        self._run("mkdir", str(sockets))
+        for attempt in range(3):  # the free port can be taken between free_port() and bind
+            self.port = free_port()
+            options = (f"-p {self.port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
+                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+            try:
+                self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"),
+                          "-o", options, "-w", "-t", "60", "start")
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    self.stop()
+                    raise
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url
+
+    def stop(self) -> None:
+        if self.folder is None:
+            return
+        data = self.folder / "data"
+        if (data / "postmaster.pid").exists():
+            try:
+                self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+
+def choose_pg_server() -> tuple[str, ThrowawayPostgres | None]:
+    """(admin URL, the throwaway cluster to stop at the end or None): see the order above.
+    Raises NoPostgres where none is configured, none answers and none can be started."""
+    configured = os.environ.get("MNIST_TUNE_TEST_PG")
+    if configured:
+        return configured, None
+    if pg_answers(PG_DEFAULT_URL):
+        return PG_DEFAULT_URL, None
+    bindir = pg_bindir()
+    if bindir is None:
+        raise NoPostgres("no PostgreSQL: $MNIST_TUNE_TEST_PG is unset, nothing answers on 127.0.0.1:5432 and "
+                         "no PostgreSQL server binaries (initdb, pg_ctl) are installed to start a throwaway one")
+    cluster = ThrowawayPostgres(bindir)
+    return cluster.start(), cluster
+
+
+def set_pg_admin_url(url: str | None) -> None:
+    global _active_admin_url
+    _active_admin_url = url
+
+
+def pg_admin_url() -> str:
+    """The admin URL of the session's server (the `pg_admin_url` fixture sets it); before the
+    fixture ran, the configured or default one (PG_ADMIN_URL)."""
+    return _active_admin_url or PG_ADMIN_URL
+
+
+def create_database(prefix: str = "mnist_tune_test", admin_url: str | None = None) -> str:
+    """A new, empty database on the session's server; returns its URL."""
+    import psycopg
+
+    admin_url = admin_url or pg_admin_url()
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=5, autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin_url, connect_timeout=5, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return with_database(admin_url, name)
 
 
-def drop_database(url: str) -> None:
+def drop_database(url: str, admin_url: str | None = None) -> None:
+    """Drop the database ``url`` names (IF EXISTS, closing its connections), connected as the
+    admin database of the same server."""
     import psycopg
 
-    name = url.rsplit("/", 1)[1]
-    conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=5, autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
+    name = urllib.parse.urlsplit(url).path.lstrip("/")
+    admin_db = urllib.parse.urlsplit(admin_url or pg_admin_url()).path.lstrip("/") or "postgres"
+    with psycopg.connect(admin_url or with_database(url, admin_db), connect_timeout=5, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
