@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.stores import first_line, sqlite_path
 
 MAX_NAME_LENGTH = 100
 # ASCII letters and digits, then also "." "_" "-": accepted as an MLflow experiment name, an
@@ -69,25 +70,6 @@ def _show(text: str, limit: int = 40) -> str:
 # ------------------------------------------------------------------------ sqlite stores
 
 
-def sqlite_path(url_or_path: str | Path) -> Path | None:
-    """The file behind a ``sqlite:///`` URL (or a plain path); None for other URLs and for
-    SQLite in memory."""
-    if isinstance(url_or_path, Path):
-        return url_or_path
-    text = str(url_or_path)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return Path(text) if text else None
-    if scheme.split("+")[0].lower() != "sqlite":
-        return None
-    # sqlite:///relative/file, sqlite:////absolute/file; a query (?timeout=…) is not the path.
-    path = rest.removeprefix("/")
-    path = path.split("?", 1)[0]
-    if not path or path == ":memory:" or path.startswith("file:"):
-        return None
-    return Path(path)
-
-
 def check_sqlite_store(url_or_path: str | Path, what: str) -> None:
     """Refuse a SQLite store whose file exists but is not a readable SQLite database.
 
@@ -97,7 +79,8 @@ def check_sqlite_store(url_or_path: str | Path, what: str) -> None:
     A database that is merely busy or needs a writer to recover (hot journal) passes: that is
     not corruption, and the store's own opener deals with it.
     """
-    path = sqlite_path(url_or_path)
+    text = str(url_or_path)
+    path = Path(text) if text and "://" not in text else sqlite_path(text)  # a plain path, or a URL
     if path is None or not (path.exists() or path.is_symlink()):
         return
     if path.is_dir():
@@ -119,7 +102,7 @@ def check_sqlite_store(url_or_path: str | Path, what: str) -> None:
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=1, isolation_level=None)
     except sqlite3.Error as e:
-        raise MnistTuneError(f"{what} {path}: cannot open it read-only: {_one_line(e)}") from None
+        raise MnistTuneError(f"{what} {path}: cannot open it read-only: {first_line(e)}") from None
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         rows = conn.execute("PRAGMA quick_check(5)").fetchall()
@@ -128,16 +111,10 @@ def check_sqlite_store(url_or_path: str | Path, what: str) -> None:
     except sqlite3.OperationalError as e:
         message = str(e).lower()
         if not any(s in message for s in ("locked", "busy", "readonly", "read-only")):
-            problem = _one_line(e)
+            problem = first_line(e)
     except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
-        problem = _one_line(e)
+        problem = first_line(e)
     finally:
         conn.close()
     if problem:
         raise MnistTuneError(f"{what} {path}: not a readable SQLite database ({problem})")
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-

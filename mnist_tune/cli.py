@@ -153,6 +153,11 @@ MODEL_FLAGS = {"mlp": {"hidden_sizes"},
 @tracking_option
 def train(model_name, device, val_size, experiment, run_name, data_dir, tracking_uri, **options):
     """Train one model with explicit hyperparameters, tracked as one MLflow run."""
+    from mnist_tune.checks import check_name
+
+    check_name(experiment, "--experiment")
+    if run_name is not None:
+        check_name(run_name, "--run-name")
     from mnist_tune.data import load_mnist
     from mnist_tune.run import check_model_hp, split_hyperparameters, train_run
     from mnist_tune.tracking import Tracker
@@ -206,13 +211,19 @@ def train(model_name, device, val_size, experiment, run_name, data_dir, tracking
 def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, data_dir, storage, storage_file,
           tracking_uri, tracking_uri_file, **settings):
     """Run (or join, or finish) an Optuna study; every trial is a nested MLflow run."""
+    from mnist_tune.checks import check_name
+
+    if settings["study_name"] is not None:  # "" too: it must not fall back to the sweep's name
+        check_name(settings["study_name"], "--study-name")
+    if not model_name and not sweep_file:
+        raise MnistTuneError("give --model mlp|mixer or --sweep FILE")
     from mnist_tune.config import sweep_for
     from mnist_tune.study import WorkerSettings
 
-    if not model_name and not sweep_file:
-        raise MnistTuneError("give --model mlp|mixer or --sweep FILE")
     storage, tracking_uri = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
     sweep = sweep_for(model_name, sweep_file).with_overrides(epochs=epochs, val_size=val_size)
+    if settings["study_name"] is None:
+        check_name(sweep.name, f"{sweep.path}: name")
     settings = WorkerSettings(storage=storage, **settings)
     from mnist_tune.worker import run_study  # torch and MLflow: only once the input is known good
 

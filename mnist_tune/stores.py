@@ -35,8 +35,15 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file behind a ``sqlite:///`` URL, else None."""
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    """The file behind a ``sqlite:///`` URL; None for other URLs and for SQLite in memory."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0].lower() != "sqlite":
+        return None
+    # sqlite:///relative/file, sqlite:////absolute/file; a query (?timeout=…) is not the path.
+    path = rest.removeprefix("/").split("?", 1)[0]
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
 
 
 def redact(url: str) -> str:

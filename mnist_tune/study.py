@@ -27,6 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_tune import record
+from mnist_tune.checks import check_sqlite_store
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.stores import first_line, redact, resolve_storage, sqlite_path
 
@@ -79,6 +80,7 @@ def open_storage(url: str | None, heartbeat_interval: int = HEARTBEAT_INTERVAL, 
     if not scheme or scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
         raise MnistTuneError(f"unsupported storage URL {redact(url)} (use sqlite:///… or postgresql://…)")
     if sqlite_path(url) is not None:
+        check_sqlite_store(url, "Optuna storage")
         sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:

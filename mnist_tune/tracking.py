@@ -21,6 +21,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from mnist_tune.checks import check_name, check_sqlite_store
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.stores import redact, resolve_tracking_uri, sqlite_path
 
@@ -73,7 +74,9 @@ def check_reachable(uri: str) -> None:
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise MnistTuneError(f"MLflow tracking server {redact(uri)} is unreachable: {reason}") from None
-    elif scheme not in ("sqlite", "postgresql", "mysql", "databricks", "file", "") and "+" not in scheme:
+    elif scheme.startswith("sqlite"):
+        check_sqlite_store(uri, "MLflow store")
+    elif scheme not in ("postgresql", "mysql", "databricks", "file", "") and "+" not in scheme:
         raise MnistTuneError(f"unsupported tracking URI {redact(uri)}")
 
 
@@ -109,6 +112,7 @@ class Tracker:
     @_timed
     def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
         """Id of the experiment called ``name``, created on first use."""
+        check_name(name, "experiment name")
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mnist_tune import record, tracking
+from mnist_tune.errors import MnistTuneError
 from mnist_tune.models import as_input, build_model
 
 
@@ -73,9 +74,11 @@ def test_calls_are_timed_and_runs_nest(tracker):
 
 
 def test_artifacts_never_live_under_a_path_made_of_the_name(tracker, tmp_path):
-    experiment = tracker.client.get_experiment(tracker.experiment("../../escape"))
+    experiment = tracker.client.get_experiment(tracker.experiment("escape"))
     location = experiment.artifact_location
     assert location.startswith((tmp_path / "mlruns" / "artifacts").as_uri()) and "escape" not in location
+    with pytest.raises(MnistTuneError, match="names are not paths"):
+        tracker.experiment("../../escape")
 
 
 def test_registered_version_and_logged_model_link_both_ways(tracker):
