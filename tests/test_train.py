@@ -79,8 +79,20 @@ def test_auto_device_and_bad_settings():
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(MnistTuneError, match="unknown lr schedule"):
         TrainConfig(schedule="step")
-    with pytest.raises(MnistTuneError, match="invalid training settings"):
+    with pytest.raises(MnistTuneError, match="invalid training settings .*batch_size: 0 must be a positive integer"):
         TrainConfig(batch_size=0)
+    with pytest.raises(MnistTuneError, match="lr 0 must be > 0"):
+        TrainConfig(lr=0)
+
+
+def test_train_config_fields_are_the_training_tunables():
+    from dataclasses import fields
+
+    from mnist_tune.config import TRAIN_SETTINGS, split_hyperparameters
+
+    assert {f.name for f in fields(TrainConfig)} == set(TRAIN_SETTINGS)
+    model_hp, train_hp = split_hyperparameters({"dropout": 0.1, "lr": 0.01, "epochs": 1})
+    assert model_hp == {"dropout": 0.1} and TrainConfig(**train_hp).lr == 0.01
 
 
 @pytest.mark.slow
