@@ -73,11 +73,11 @@ def test_corrupt_file_is_refetched_from_next_source(synthetic_env, tmp_path):
     _flip_byte(folder / "t10k-labels-idx1-ubyte")
     calls, messages = [], []
 
-    def broken_source(d, log):
+    def broken_source(d):
         calls.append("broken")
         raise OSError("name resolution failed")
 
-    def good_source(d, log):
+    def good_source(d):
         calls.append("good")
         (d / "t10k-labels-idx1-ubyte").write_bytes(good)
 
@@ -90,7 +90,7 @@ def test_corrupt_file_is_refetched_from_next_source(synthetic_env, tmp_path):
 def test_missing_files_with_no_source_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("MNIST_TUNE_CHECKSUMS", raising=False)
     with pytest.raises(MnistTuneError, match="not available") as err:
-        data.ensure_mnist(tmp_path / "empty", sources=(("offline", lambda d, log: (_ for _ in ()).throw(OSError("offline"))),))
+        data.ensure_mnist(tmp_path / "empty", sources=(("offline", lambda d: (_ for _ in ()).throw(OSError("offline"))),))
     assert "offline" in str(err.value) and "\n" not in str(err.value)
 
 
