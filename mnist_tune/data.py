@@ -85,7 +85,8 @@ def read_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise MnistTuneError(f"{name}: IDX payload is {len(raw) - header} bytes, shape {shape} needs {expected - header}")
+        raise MnistTuneError(f"{name}: IDX payload is {len(raw) - header} bytes, "
+                             f"shape {shape} needs {expected - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 

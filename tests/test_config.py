@@ -7,8 +7,15 @@ import sys
 import pytest
 import yaml
 
-from mnist_tune.config import (SWEEPS_DIR, TUNABLES, click_option, hyperparameter_problems, load_sweep,
-                               split_hyperparameters, sweep_for)
+from mnist_tune.config import (
+    SWEEPS_DIR,
+    TUNABLES,
+    click_option,
+    hyperparameter_problems,
+    load_sweep,
+    split_hyperparameters,
+    sweep_for,
+)
 from mnist_tune.errors import MnistTuneError
 
 VALID = {

@@ -3,15 +3,14 @@ import torch
 from torch import nn
 
 from helpers import DEVICES
+from mnist_tune import train as train_module
 from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
 from mnist_tune.models import as_input, build_model
 from mnist_tune.optim import FlatAdamW, schedule_table
-from mnist_tune import train as train_module
 from mnist_tune.steps import EagerSteps, GraphedSteps
-from mnist_tune.train import (AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device,
-                              seed_everything)
+from mnist_tune.train import AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device, seed_everything
 
 
 @pytest.fixture
