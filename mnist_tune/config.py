@@ -280,10 +280,10 @@ def _flag(value):
     return value
 
 
-def _one_of(options, shown: str | None = None):
+def _one_of(options):
     def check(value):
         if not any(value == option for option in options):
-            raise _problem(f"{value!r} is not one of {shown or ', '.join(options)}")
+            raise _problem(f"{value!r} is not one of {', '.join(options)}")
         return value
     return PlainValidator(check)
 
