@@ -50,7 +50,6 @@ from mnist_tune.errors import MnistTuneError
 # The shipped sweeps are package data (mnist_tune/sweeps/; the top-level sweeps/ links to it),
 # so an installed package finds them as a checkout does.
 SWEEPS_DIR = Path(str(resources.files("mnist_tune").joinpath("sweeps")))
-DEFAULT_SWEEPS = {"mlp": "mlp.yaml", "mixer": "mixer.yaml"}
 METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
 
@@ -60,6 +59,7 @@ PARAM_TYPES = ("float", "int", "categorical")
 IMAGE_SIZE = 28  # MNIST images are 28 x 28 pixels
 MODEL_NAMES = ("mlp", "mixer")  # models.MODELS builds them, in this order
 SCHEDULES = ("constant", "cosine", "onecycle")  # optim.schedule_table computes them
+DEFAULT_SWEEPS = {model: f"{model}.yaml" for model in MODEL_NAMES}  # --model's sweep, in SWEEPS_DIR
 
 
 def _is_int(value) -> bool:
@@ -204,7 +204,7 @@ def hyperparameter_problems(model: str, params: dict) -> list[tuple[str, str]]:
         if name not in TUNABLES:
             problems.append((name, "is not a hyperparameter"))
         elif name not in fits:
-            problems.append((name, f"does not apply to model {model}"))
+            problems.append((name, f"does not apply to --model {model}"))
         elif (problem := TUNABLES[name].problem(value)) is not None:
             problems.append((name, problem))
     for name in params:
@@ -241,6 +241,8 @@ def click_option(tunable: Tunable) -> tuple[tuple[str, ...], dict]:
     elif t.choices is not None:
         attrs["type"] = click.Choice(t.choices)
     elif t.type is tuple:
+        attrs["metavar"] = "N,N,..."
+
         def parse(ctx, param, value):
             try:
                 return None if value is None else parse_int_list(value)

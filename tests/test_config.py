@@ -200,7 +200,7 @@ def test_hyperparameter_problems_for_command_lines():
     assert hyperparameter_problems("mlp", {"lr": 1e-3, "hidden_sizes": (100, 80), "cuda_graph": True}) == []
     problems = dict(hyperparameter_problems("mlp", {"patch_size": 7, "dropout": 1.0, "momentum": 0.9,
                                                     "hidden_sizes": (10,), "width": 8}))
-    assert problems["patch_size"] == "does not apply to model mlp"
+    assert problems["patch_size"] == "does not apply to --model mlp"
     assert problems["dropout"] == "dropout 1.0 must be in [0, 1)"
     assert problems["momentum"] == "is not a hyperparameter"
     assert "give either hidden_sizes or width/depth" in problems["hidden_sizes"]
