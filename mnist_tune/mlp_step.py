@@ -1,10 +1,9 @@
 """The MLP's training step written out by hand: forward, cross-entropy and backward, no autograd.
 
-Why: at batch 100 an MLP epoch is 550 steps whose matmuls take 0.16-0.45 ms each on the
-project's 2-core VMs (benchmarks/step_breakdown.py), and autograd's graph building plus the
-per-module dispatch cost about half as much again. Written out, a step is a few matmuls and a
-handful of in-place element-wise ops, with the gradients written straight into the optimizer's
-buffer. Given the same dropout masks it computes what autograd computes for
+Why: an MLP step's matmuls are small, and autograd's graph building plus the per-module
+dispatch cost about half as much again (benchmarks/step_breakdown.py). Written out, a step is
+a few matmuls and a handful of in-place element-wise ops, with the gradients written straight
+into the optimizer's buffer. Given the same dropout masks it computes what autograd computes for
 ``cross_entropy(model(x), y)`` (tests/test_train.py compares the loss and every gradient), so
 it is an implementation detail of ``fit``, not a different model: the trained ``MLP`` is used,
 evaluated and exported as usual. The masks are drawn as ``rand < q``, layer by layer, as the
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_tune.models import MLP, MNIST_MEAN, MNIST_STD, NUM_CLASSES
+from mnist_tune.shims import relu_backward
 
 
 class ExplicitMLPStep:
@@ -87,6 +87,5 @@ class ExplicitMLPStep:
             torch.sum(grad, 0, out=linear.bias.grad)
             if i > 0:  # through the previous layer's dropout and ReLU (h > 0 exactly where both let it)
                 # beta=0: addmm ignores its first argument (h, for the shape), only to take alpha
-                grad = torch.ops.aten.threshold_backward(torch.addmm(h, grad, linear.weight, beta=0, alpha=alpha),
-                                                         h, 0)
+                grad = relu_backward(torch.addmm(h, grad, linear.weight, beta=0, alpha=alpha), h)
         return loss_sum

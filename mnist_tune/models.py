@@ -13,9 +13,9 @@ import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
+from mnist_tune.config import IMAGE_SIZE, MODEL_NAMES, TUNABLES
 from mnist_tune.errors import MnistTuneError
 
-IMAGE_SIZE = 28
 NUM_CLASSES = 10
 # Training-set pixel mean and std, the usual MNIST normalisation.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -34,8 +34,8 @@ class Normalize(nn.Module):
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU mask is drawn as ``uniform < 1 - p``: Bernoulli(1 - p) like
     nn.Dropout's (a different draw from the RNG stream), at about half the cost of the
-    ``bernoulli_`` kernel nn.Dropout calls there, which took 46 % of a Mixer training step on
-    the CPU (benchmarks/RESULTS.md). On other devices (CUDA's fused dropout kernel), for other
+    ``bernoulli_`` kernel nn.Dropout calls there, a large part of a Mixer step on the CPU
+    (benchmarks/RESULTS.md). On other devices (CUDA's fused dropout kernel), for other
     dtypes (bf16 autocast), in place and in eval mode it is plain ``nn.Dropout``. It has no
     state, so state_dicts and the exported (pt2) models MLflow logs are unaffected.
     """
@@ -96,7 +96,7 @@ class MLPMixer(nn.Sequential):
 
     def __init__(self, *, patch_size: int = 7, dim: int = 64, depth: int = 4,
                  token_expansion: float = 2.0, channel_expansion: float = 4.0, dropout: float = 0.0):
-        if patch_size < 1 or IMAGE_SIZE % patch_size:
+        if TUNABLES["patch_size"].problem(patch_size):
             divisors = [d for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0]
             raise MnistTuneError(f"mixer patch_size {patch_size} must divide the image size {IMAGE_SIZE} "
                                  f"(one of {divisors})")
@@ -118,7 +118,8 @@ class MLPMixer(nn.Sequential):
         )
 
 
-MODELS = {"mlp": MLP, "mixer": MLPMixer}
+# The builders' keyword arguments are the model tunables of config.TUNABLES (tests/test_models.py).
+MODELS = dict(zip(MODEL_NAMES, (MLP, MLPMixer), strict=True))
 
 
 def build_model(name: str, **hp) -> nn.Module:

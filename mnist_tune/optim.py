@@ -1,11 +1,11 @@
 """AdamW over one flat parameter buffer, and the lr / momentum schedules as per-step tables.
 
-Why not ``torch.optim.AdamW`` + an ``lr_scheduler``: at batch 100 an MLP epoch is 550 steps
-of ~0.8 ms each (1 thread, the AMD EPYC VM; 0.6 ms on the Xeon one), and the optimizer's and
-scheduler's per-call Python bookkeeping costs ~0.15 ms of that. Here the parameters live in
-one buffer, so a step is one call of the same fused kernel ``AdamW(fused=True)`` runs, and the
-schedule is a table computed before training (the values of torch's ``CosineAnnealingLR`` /
-``OneCycleLR``, checked in tests/test_optim.py).
+Why not ``torch.optim.AdamW`` + an ``lr_scheduler``: an MLP step is so short that their
+per-call Python bookkeeping is a sizeable part of it (benchmarks/RESULTS.md). Here the
+parameters live in one buffer, so a step is one call of the same fused kernel
+``AdamW(fused=True)`` runs (shims.fused_adamw_), and the schedule is a table computed before
+training (the values of torch's ``CosineAnnealingLR`` / ``OneCycleLR``, checked in
+tests/test_optim.py).
 
     optimizer = FlatAdamW(model.parameters(), weight_decay=0.01)
     lrs, beta1s = schedule_table("onecycle", lr=1e-3, total_steps=5500)
@@ -19,6 +19,9 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from mnist_tune.config import SCHEDULES
+from mnist_tune.shims import fused_adamw_
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch's Adam defaults, as the seed used them
 # OneCycleLR's defaults: warm up over 30 % of the steps from lr/25, anneal to lr/25/1e4, and
@@ -68,9 +71,8 @@ class FlatAdamW:
         self.step_count += 1
         if self.fused:
             self.steps += 1
-            torch._fused_adamw_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
-                                lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS,
-                                amsgrad=False, maximize=False)
+            fused_adamw_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [self.steps],
+                         lr=lr, beta1=beta1, beta2=BETA2, weight_decay=self.weight_decay, eps=EPS)
             return
         # the same update in plain ops: one place for the maths (step_with), this step's row
         self.step_with(torch.tensor(self._row(lr, beta1, self.step_count), device=self.flat.device))
@@ -108,14 +110,18 @@ class FlatAdamW:
 
 def schedule_table(schedule: str, lr: float, total_steps: int) -> tuple[list[float], list[float]]:
     """(lr, beta1) for every optimizer step: constant, cosine (to 0) or one-cycle."""
-    if schedule == "constant":
-        return [lr] * total_steps, [BETA1] * total_steps
-    if schedule == "cosine":  # CosineAnnealingLR(T_max=total_steps, eta_min=0)
-        return [lr * (1 + math.cos(math.pi * t / total_steps)) / 2 for t in range(total_steps)], \
-            [BETA1] * total_steps
-    if schedule == "onecycle":
-        return _onecycle(lr, total_steps)
-    raise ValueError(f"unknown schedule {schedule!r}")
+    if schedule not in _TABLES:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return _TABLES[schedule](lr, total_steps)
+
+
+def _constant(lr: float, total_steps: int) -> tuple[list[float], list[float]]:
+    return [lr] * total_steps, [BETA1] * total_steps
+
+
+def _cosine(lr: float, total_steps: int) -> tuple[list[float], list[float]]:
+    """CosineAnnealingLR(T_max=total_steps, eta_min=0)."""
+    return [lr * (1 + math.cos(math.pi * t / total_steps)) / 2 for t in range(total_steps)], [BETA1] * total_steps
 
 
 def _anneal(start: float, end: float, pct: float) -> float:
@@ -140,3 +146,7 @@ def _onecycle(max_lr: float, total_steps: int) -> tuple[list[float], list[float]
             lrs.append(_anneal(max_lr, end_lr, pct))
             beta1s.append(_anneal(low, high, pct))
     return lrs, beta1s
+
+
+# config.SCHEDULES names them (for sweep files and the command line), in this order
+_TABLES = dict(zip(SCHEDULES, (_constant, _cosine, _onecycle), strict=True))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_tune.config import SCHEDULES, TRAIN_SETTINGS, TUNABLES
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
@@ -31,13 +32,13 @@ from mnist_tune.optim import FlatAdamW, schedule_table
 from mnist_tune.steps import EagerSteps, GraphedSteps
 from mnist_tune.stop import raise_if_requested
 
-SCHEDULES = ("constant", "cosine", "onecycle")
 EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hundreds of steps
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of one run (model shape settings go to build_model)."""
+    """Optimisation settings of one run (model shape settings go to build_model); its fields
+    are the training tunables of config.TUNABLES, which also say what values they may take."""
 
     batch_size: int = 100
     lr: float = 1e-3
@@ -46,14 +47,16 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     amp: bool = False  # bf16 autocast: for CUDA (and CPUs with bf16 units); off by default
-    compile: bool = False  # torch.compile the model: pays off for long runs on GPUs (compile ~20 s)
+    compile: bool = False  # torch.compile the model: pays off for long runs on GPUs (compiling takes a while)
     cuda_graph: bool = True  # on CUDA, replay each step as one recorded graph (steps.py); not with compile
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise MnistTuneError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.batch_size < 1 or self.epochs < 1 or not self.lr > 0 or self.weight_decay < 0:
-            raise MnistTuneError(f"invalid training settings {asdict(self)}")
+        problems = [f"{name}: {problem}" for name in TRAIN_SETTINGS
+                    if (problem := TUNABLES[name].problem(getattr(self, name)))]
+        if problems:
+            raise MnistTuneError(f"invalid training settings {asdict(self)} ({'; '.join(problems)})")
 
 
 @dataclass
@@ -74,10 +77,6 @@ class FitResult:
     history: list[EpochMetrics] = field(default_factory=list)
     message: str = ""
     setup_seconds: float = 0.0  # before the first epoch: data to the device, step set-up, CUDA graph capture
-
-    @property
-    def final(self) -> EpochMetrics | None:
-        return self.history[-1] if self.history else None
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -3,7 +3,7 @@
 Two kinds of checks:
   * static: docker/compose.yaml parsed as YAML (the services, scaling, exec-form commands,
     the password only ever interpolated from docker/.env, which git ignores), the Dockerfile
-    (no credentials, no .env copied, copies what `pip install -e .` needs), .env.example.
+    (no credentials, no .env copied, copies what `pip install .` needs), .env.example.
   * end to end: the compose services' own command lines and environments, interpolated and
     with the compose host names rewritten to local ones, run as local processes against the
     local PostgreSQL (databases made by docker/postgres-init.sql, renamed to fresh ones):
@@ -336,11 +336,11 @@ def test_dockerfile():
 
     runs = [a for w, a in instructions if w == "RUN"]
     torch_step = next(i for i, a in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in a and "torch==" in a)
-    project_step = next(i for i, a in enumerate(runs) if re.search(r"pip install (-e|--editable) \.(\s|$)", a))
+    project_step = next(i for i, a in enumerate(runs) if re.search(r"pip install \.(\s|$)", a))
     assert torch_step < project_step, "torch from the chosen index before the project"
 
-    # What is copied: never an env file; everything `pip install -e .` needs (sweeps/ too),
-    # copied before that step, and not dropped by .dockerignore.
+    # What is copied: never an env file; everything `pip install .` needs (the sweeps are package
+    # data inside mnist_tune/), copied before that step, and not dropped by .dockerignore.
     patterns = _dockerignore_patterns()
     copied = []
     for i, (word, args) in enumerate(instructions):
@@ -351,10 +351,12 @@ def test_dockerfile():
             if "." in sources:
                 assert _ignored("docker/.env", patterns), "COPY . needs .dockerignore to drop docker/.env"
             copied += [(i, s) for s in sources]
-    install_at = next(i for i, (w, a) in enumerate(instructions) if w == "RUN" and "pip install -e ." in a)
-    for needed in ("setup.cfg", "pyproject.toml", "README.md", "mnist_tune", "sweeps"):
+    install_at = next(i for i, (w, a) in enumerate(instructions)
+                      if w == "RUN" and re.search(r"pip install \.(\s|$)", a))
+    for needed in ("setup.cfg", "pyproject.toml", "README.md", "mnist_tune"):
         assert any(i < install_at and s.rstrip("/") in (needed, ".") for i, s in copied), f"{needed} not copied"
         assert (REPO / needed).exists() and not _ignored(needed, patterns)
+    assert list((REPO / "mnist_tune" / "sweeps").glob("*.yaml")) and not _ignored("mnist_tune/sweeps", patterns)
     for local in (".venv", "mlruns", ".git", "docker/.env"):
         assert _ignored(local, patterns), f".dockerignore should drop {local}"
     assert words.index("USER") > install_at, "runs as an unprivileged user"

@@ -9,7 +9,6 @@ from mnist_tune import data
 from mnist_tune.errors import MnistTuneError
 
 
-
 def test_idx_round_trip_and_header():
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     raw = data.write_idx(array)
@@ -73,11 +72,11 @@ def test_corrupt_file_is_refetched_from_next_source(synthetic_env, tmp_path):
     _flip_byte(folder / "t10k-labels-idx1-ubyte")
     calls, messages = [], []
 
-    def broken_source(d, log):
+    def broken_source(d):
         calls.append("broken")
         raise OSError("name resolution failed")
 
-    def good_source(d, log):
+    def good_source(d):
         calls.append("good")
         (d / "t10k-labels-idx1-ubyte").write_bytes(good)
 
@@ -89,8 +88,11 @@ def test_corrupt_file_is_refetched_from_next_source(synthetic_env, tmp_path):
 
 def test_missing_files_with_no_source_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("MNIST_TUNE_CHECKSUMS", raising=False)
+    def offline(data_dir):
+        raise OSError("offline")
+
     with pytest.raises(MnistTuneError, match="not available") as err:
-        data.ensure_mnist(tmp_path / "empty", sources=(("offline", lambda d, log: (_ for _ in ()).throw(OSError("offline"))),))
+        data.ensure_mnist(tmp_path / "empty", sources=(("offline", offline),))
     assert "offline" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -100,7 +102,10 @@ def test_validation_split_is_disjoint_seeded_and_sized(synthetic_env, tmp_path):
     b = data.load_mnist(folder, val_size=300, seed=3)
     c = data.load_mnist(folder, val_size=300, seed=4)
     assert torch.equal(a.val_x, b.val_x) and not torch.equal(a.val_x, c.val_x)
-    rows = lambda x: {hashlib.md5(img.numpy().tobytes()).hexdigest() for img in x}
+
+    def rows(x):
+        return {hashlib.md5(img.numpy().tobytes()).hexdigest() for img in x}
+
     assert not rows(a.val_x) & rows(a.train_x)
     assert len(a.train_x) + len(a.val_x) == 1200
     with pytest.raises(MnistTuneError, match="validation size"):

@@ -87,3 +87,17 @@ def test_models_normalise_their_own_input():
     first = model[2]
     with torch.no_grad():
         assert torch.allclose(torch.nn.Sequential(*list(model)[:3])(x), first.bias.expand(2, -1), atol=1e-5)
+
+
+def test_builders_take_exactly_the_model_tunables():
+    """config.TUNABLES is the one list of hyperparameters: each builder's keywords are its model ones."""
+    import inspect
+
+    from mnist_tune.config import MODEL_NAMES, TUNABLES
+    from mnist_tune.models import MODELS
+
+    assert tuple(MODELS) == MODEL_NAMES
+    for name, builder in MODELS.items():
+        keywords = {p.name for p in inspect.signature(builder.__init__).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert keywords == {t.name for t in TUNABLES.values() if t.setting == "model" and name in t.models}, name

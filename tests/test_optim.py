@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from helpers import DEVICES
+from mnist_tune.config import SCHEDULES
 from mnist_tune.optim import FlatAdamW, schedule_table
 
 
@@ -13,7 +14,7 @@ def _net(device="cpu"):
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(device)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedule_table_equals_torch_schedulers(schedule):
     for total in (1, 3, 10, 137):
         optimizer = torch.optim.AdamW(_net().parameters(), lr=3e-3)
@@ -111,3 +112,11 @@ def test_weight_decay_is_not_rounded_away(device, lr, weight_decay):
             flat.step(lr)
         exact = (start.double() * (1 - lr * weight_decay)).float()  # correctly rounded
         assert torch.equal(flat.flat, exact), mode
+
+
+def test_every_configured_schedule_has_a_table():
+    for schedule in SCHEDULES:
+        lrs, beta1s = schedule_table(schedule, 1e-3, 10)
+        assert len(lrs) == len(beta1s) == 10
+    with pytest.raises(ValueError, match="unknown schedule"):
+        schedule_table("step", 1e-3, 10)

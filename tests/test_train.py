@@ -3,15 +3,14 @@ import torch
 from torch import nn
 
 from helpers import DEVICES
+from mnist_tune import train as train_module
 from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
 from mnist_tune.models import as_input, build_model
 from mnist_tune.optim import FlatAdamW, schedule_table
-from mnist_tune import train as train_module
 from mnist_tune.steps import EagerSteps, GraphedSteps
-from mnist_tune.train import (AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device,
-                              seed_everything)
+from mnist_tune.train import AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device, seed_everything
 
 
 @pytest.fixture
@@ -79,8 +78,20 @@ def test_auto_device_and_bad_settings():
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(MnistTuneError, match="unknown lr schedule"):
         TrainConfig(schedule="step")
-    with pytest.raises(MnistTuneError, match="invalid training settings"):
+    with pytest.raises(MnistTuneError, match="invalid training settings .*batch_size: 0 must be a positive integer"):
         TrainConfig(batch_size=0)
+    with pytest.raises(MnistTuneError, match="lr 0 must be > 0"):
+        TrainConfig(lr=0)
+
+
+def test_train_config_fields_are_the_training_tunables():
+    from dataclasses import fields
+
+    from mnist_tune.config import TRAIN_SETTINGS, split_hyperparameters
+
+    assert {f.name for f in fields(TrainConfig)} == set(TRAIN_SETTINGS)
+    model_hp, train_hp = split_hyperparameters({"dropout": 0.1, "lr": 0.01, "epochs": 1})
+    assert model_hp == {"dropout": 0.1} and TrainConfig(**train_hp).lr == 0.01
 
 
 @pytest.mark.slow
