@@ -37,9 +37,9 @@ def run_one(spec: str, data_dir: str | None, device: str) -> dict:
         os.environ["MNIST_TUNE_HOME"] = home  # a fresh embedded store per run
         from mnist_tune.config import SWEEPS_DIR, load_sweep
         from mnist_tune.data import load_mnist
-        from mnist_tune.worker import Worker, WorkerSettings
         from mnist_tune.tracking import Tracker
         from mnist_tune.train import resolve_device
+        from mnist_tune.worker import Worker, WorkerSettings
 
         sweep = load_sweep(SWEEPS_DIR / f"{sweep_name}.yaml")
         sampler_spec = {"name": sampler, "seed": sweep.sampler.get("seed", 0)}  # random takes a seed only
@@ -139,8 +139,9 @@ def main() -> None:
     for r in results:
         groups.setdefault((r["sweep"], r["sampler"], r["trials"]), []).append(r)
     for (sweep, sampler, trials), rs in groups.items():
-        print(f"  {sweep:9} {sampler:7} {trials:3d} trials x{len(rs)}: best test {mean_std([r['best_test'] for r in rs])}"
-              f", best val {mean_std([r['best_val'] for r in rs])}, wall {statistics.mean(r['wall_s'] for r in rs):.0f} s")
+        print(f"  {sweep:9} {sampler:7} {trials:3d} trials x{len(rs)}: "
+              f"best test {mean_std([r['best_test'] for r in rs])}, best val {mean_std([r['best_val'] for r in rs])}, "
+              f"wall {statistics.mean(r['wall_s'] for r in rs):.0f} s")
     plot(results, out / "best_val_vs_time.png")
     print(f"wrote {out / 'results.json'} and {out / 'best_val_vs_time.png'}")
 

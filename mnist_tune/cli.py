@@ -13,6 +13,7 @@ import sys
 import click
 
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.tunables import MODEL_NAMES
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
@@ -109,66 +110,45 @@ def data_fetch(data_dir):
 # ---------------------------------------------------------------------------- train
 
 
-def _hidden_sizes(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        sizes = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{value!r}: sizes must be positive")
-    return sizes
+def tunable_options(f):
+    """``train``'s hyperparameter options, one per entry of the tunables table."""
+    from mnist_tune.tunables import TUNABLES, click_option
 
-
-MODEL_FLAGS = {"mlp": {"hidden_sizes"},
-               "mixer": {"patch_size", "dim", "depth", "token_expansion", "channel_expansion"}}
+    for tunable in reversed(TUNABLES.values()):
+        decls, attrs = click_option(tunable)
+        f = click.option(*decls, **attrs)(f)
+    return f
 
 
 @cli.command()
-@click.option("--model", "model_name", type=click.Choice(["mlp", "mixer"]), default="mlp")
-@click.option("--batch-size", type=click.IntRange(min=1), default=100)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "onecycle"]), default="onecycle",
-              help="Learning-rate schedule (onecycle peaks at --lr).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10)
-@click.option("--seed", type=int, default=0)
+@click.option("--model", "model_name", type=click.Choice(MODEL_NAMES), default="mlp")
 @click.option("--val-size", type=click.IntRange(min=1), default=5000, help="Images held out of the 60k for validation.")
-@click.option("--hidden-sizes", callback=_hidden_sizes, default=None, help="MLP hidden layers, e.g. 100,80.")
-@click.option("--patch-size", type=int, default=None, help="Mixer patch size (divides 28).")
-@click.option("--dim", type=click.IntRange(min=1), default=None, help="Mixer width.")
-@click.option("--depth", type=click.IntRange(min=1), default=None, help="Mixer blocks.")
-@click.option("--token-expansion", type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option("--channel-expansion", type=click.FloatRange(min=0, min_open=True), default=None)
+@tunable_options
 @click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option("--amp", is_flag=True, help="bf16 autocast (CUDA; CPUs with bf16 units).")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (pays off on long GPU runs).")
-@click.option("--cuda-graph/--no-cuda-graph", default=True,
-              help="On CUDA, replay each training step as a recorded CUDA graph (not with --compile).")
 @click.option("--experiment", default="mnist-tune-train", help="MLflow experiment for the run.")
 @click.option("--run-name", default=None)
 @data_dir_option
 @tracking_option
-def train(model_name, device, val_size, experiment, run_name, data_dir, tracking_uri, **options):
+def train(model_name, device, val_size, experiment, run_name, data_dir, tracking_uri, **hp):
     """Train one model with explicit hyperparameters, tracked as one MLflow run."""
     from mnist_tune.checks import check_name
+    from mnist_tune.tunables import TUNABLES, hyperparameter_problems, split_hyperparameters
 
     check_name(experiment, "--experiment")
     if run_name is not None:
         check_name(run_name, "--run-name")
-    from mnist_tune.data import load_mnist
-    from mnist_tune.run import check_model_hp, split_hyperparameters, train_run
+    source = click.get_current_context().get_parameter_source
+    given = {k: v for k, v in hp.items() if v is not None and source(k) is not click.core.ParameterSource.DEFAULT}
+    for name, problem in hyperparameter_problems(model_name, given):
+        raise MnistTuneError(f"{TUNABLES[name].flag} {problem}")
+    model_hp, train_hp = split_hyperparameters(
+        {k: v for k, v in hp.items() if v is not None and model_name in TUNABLES[k].models})
+    from mnist_tune.data import load_mnist  # torch: only once the input is known good
+    from mnist_tune.run import check_model_hp, train_run
     from mnist_tune.tracking import Tracker
-    from mnist_tune.train import resolve_device
+    from mnist_tune.train import TrainConfig, resolve_device
 
-    params = {"compile": options.pop("compile_model"), **options}
-    for key in set(MODEL_FLAGS["mlp"] | MODEL_FLAGS["mixer"]) - MODEL_FLAGS[model_name]:
-        if params.pop(key) is not None:
-            raise MnistTuneError(f"--{key.replace('_', '-')} does not apply to --model {model_name}")
-    # Validate everything before any data is fetched or anything is written.
-    model_hp, hp = split_hyperparameters({k: v for k, v in params.items() if v is not None})
+    hp = TrainConfig(**train_hp)
     check_model_hp(model_name, model_hp)
     torch_device = resolve_device(device)
     tracker = Tracker(tracking_uri)  # checks the server is reachable; writes nothing yet

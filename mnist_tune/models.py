@@ -13,8 +13,8 @@ import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
-from mnist_tune.config import IMAGE_SIZE, MODEL_NAMES, TUNABLES
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.tunables import IMAGE_SIZE, MODEL_NAMES, TUNABLES
 
 NUM_CLASSES = 10
 # Training-set pixel mean and std, the usual MNIST normalisation.
@@ -118,7 +118,7 @@ class MLPMixer(nn.Sequential):
         )
 
 
-# The builders' keyword arguments are the model tunables of config.TUNABLES (tests/test_models.py).
+# The builders' keyword arguments are the model tunables of tunables.TUNABLES (tests/test_models.py).
 MODELS = dict(zip(MODEL_NAMES, (MLP, MLPMixer), strict=True))
 
 

@@ -20,8 +20,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from mnist_tune.config import SCHEDULES
 from mnist_tune.shims import fused_adamw_
+from mnist_tune.tunables import SCHEDULES
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch's Adam defaults, as the seed used them
 # OneCycleLR's defaults: warm up over 30 % of the steps from lr/25, anneal to lr/25/1e4, and
@@ -148,5 +148,5 @@ def _onecycle(max_lr: float, total_steps: int) -> tuple[list[float], list[float]
     return lrs, beta1s
 
 
-# config.SCHEDULES names them (for sweep files and the command line), in this order
+# tunables.SCHEDULES names them (for sweep files and the command line), in this order
 _TABLES = dict(zip(SCHEDULES, (_constant, _cosine, _onecycle), strict=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -22,8 +22,6 @@ from mnist_tune.progress import bar
 from mnist_tune.tracking import Tracker
 from mnist_tune.train import EpochMetrics, TrainConfig, evaluate, fit, seed_everything
 
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
-
 
 class Diverged(Exception):
     """The loss became NaN/inf; the run is recorded as FAILED."""
@@ -34,13 +32,6 @@ class RunOutcome:
     test_acc: float | None = None
     model_uri: str | None = None
     history: list[EpochMetrics] = field(default_factory=list)
-
-
-def split_hyperparameters(params: dict) -> tuple[dict, TrainConfig]:
-    """Flat hyperparameters -> (model keyword arguments, TrainConfig)."""
-    model_hp = {k: v for k, v in params.items() if k not in TRAIN_KEYS}
-    train_hp = TrainConfig(**{k: v for k, v in params.items() if k in TRAIN_KEYS})
-    return model_hp, train_hp
 
 
 def model_params(model_name: str, model_hp: dict) -> dict:

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_tune import record
 from mnist_tune.checks import check_sqlite_store
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.shims import stale_trial_ids
 from mnist_tune.stores import first_line, redact, resolve_storage, sqlite_path
 
 if TYPE_CHECKING:
@@ -141,10 +142,10 @@ def dead_local_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[FrozenTrial]:
     """RUNNING trials whose worker still sends heartbeats and, on this host, still exists."""
-    # Optuna has no public "stale trials" query; this is the one fail_stale_trials uses.
-    stale = set(storage._get_stale_trial_ids(study._study_id))
+    study_id = storage.get_study_id_from_name(study.study_name)
+    stale = {storage.get_trial_number_from_id(i) for i in stale_trial_ids(storage, study_id)}
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t._trial_id not in stale and not _process_gone(t.user_attrs.get(WORKER_ATTR))]
+            if t.number not in stale and not _process_gone(t.user_attrs.get(WORKER_ATTR))]
 
 
 # --------------------------------------------------------------------- study set-up

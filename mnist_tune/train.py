@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_tune.config import SCHEDULES, TRAIN_SETTINGS, TUNABLES
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
@@ -31,6 +30,7 @@ from mnist_tune.models import as_input
 from mnist_tune.optim import FlatAdamW, schedule_table
 from mnist_tune.steps import EagerSteps, GraphedSteps
 from mnist_tune.stop import raise_if_requested
+from mnist_tune.tunables import SCHEDULES, TRAIN_SETTINGS, TUNABLES
 
 EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hundreds of steps
 
@@ -38,7 +38,7 @@ EVAL_BATCH = 5000  # large batches: evaluation is a handful of matmuls, not hund
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings of one run (model shape settings go to build_model); its fields
-    are the training tunables of config.TUNABLES, which also say what values they may take."""
+    are the training tunables of tunables.TUNABLES, which also say what values they may take."""
 
     batch_size: int = 100
     lr: float = 1e-3

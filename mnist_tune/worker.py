@@ -24,9 +24,23 @@ from mnist_tune.errors import MnistTuneError
 from mnist_tune.progress import bar
 from mnist_tune.space import suggest
 from mnist_tune.stores import first_line, resolve_storage, sqlite_path
-from mnist_tune.study import (BUDGET_ATTR, SURPLUS_ATTR, WORKER_ATTR, BudgetCount, WorkerSettings, best_trial, count_budget, create_or_load, dead_local_trials, live_trials,
-                              make_sampler, open_storage, this_worker)
+from mnist_tune.study import (
+    BUDGET_ATTR,
+    SURPLUS_ATTR,
+    WORKER_ATTR,
+    BudgetCount,
+    WorkerSettings,
+    best_trial,
+    count_budget,
+    create_or_load,
+    dead_local_trials,
+    live_trials,
+    make_sampler,
+    open_storage,
+    this_worker,
+)
 from mnist_tune.tracking import Tracker
+from mnist_tune.tunables import split_hyperparameters
 
 
 class BudgetSurplus(Exception):
@@ -55,7 +69,8 @@ class Objective:
             self.tracking_seconds += self.tracker.seconds - tracked
 
     def _train(self, trial: optuna.Trial) -> float:
-        from mnist_tune.run import split_hyperparameters, train_and_log  # torch: only where trials train
+        from mnist_tune.run import train_and_log  # torch: only where trials train
+        from mnist_tune.train import TrainConfig
 
         trials = self.study.get_trials(deepcopy=False)
         retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(
@@ -64,8 +79,8 @@ class Objective:
             trial.set_user_attr(SURPLUS_ATTR, True)  # lost a race for the last slot: not run
             raise BudgetSurplus
         trial.set_user_attr(WORKER_ATTR, this_worker())
-        hp = {**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": (self.settings.seed or 0) + trial.number}
-        model_hp, train_hp = split_hyperparameters(hp)
+        seed = (self.settings.seed or 0) + trial.number
+        model_hp, train_hp = split_hyperparameters({**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": seed})
         run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"], retry_of)
         trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
 
@@ -76,7 +91,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} ({self.sweep.metric} {value:.4f})")
 
         with record.run_lifecycle(self.tracker, run_id, pruned=(optuna.TrialPruned,)):
-            outcome = train_and_log(self.tracker, run_id, self.sweep.model, model_hp, train_hp, self.data,
+            outcome = train_and_log(self.tracker, run_id, self.sweep.model, model_hp, TrainConfig(**train_hp), self.data,
                                     self.device, on_epoch=report, progress_position=1)
             trial.set_user_attr(record.TEST_ACC_ATTR, outcome.test_acc)
             trial.set_user_attr(record.MODEL_URI_ATTR, outcome.model_uri)
@@ -108,8 +123,10 @@ class Worker:
 
     def open(self) -> None:
         self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
+        study_id = self.storage.get_study_id_from_name(self.name)
         for trial in dead_local_trials(self.study):  # no grace period to wait out for these
-            if self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 self._on_stale_trial(self.study, trial)
         live = live_trials(self.storage, self.study)
         if live and sqlite_path(resolve_storage(self.settings.storage)):
@@ -124,7 +141,8 @@ class Worker:
         seed += len(self.study.get_trials(deepcopy=False))
         self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
         self.record = record.StudyRecord.attach(
-            self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(), study_params(self.sweep, self.name, self.settings.trials),
+            self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(),
+            study_params(self.sweep, self.name, self.settings.trials),
             self.sweep.path if os.path.isfile(self.sweep.path) else None,
             self.study.user_attrs.get(record.PARENT_ATTR))
         self.study.set_user_attr(record.PARENT_ATTR, self.record.parent_run_id)

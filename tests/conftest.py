@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (NoPostgres, choose_pg_server, create_database, drop_database, make_synthetic_mnist,
-                     set_pg_admin_url, start_mlflow_server, stop_process)
 from mnist_tune.data import MNIST_MD5
+
+from helpers import (
+    NoPostgres,
+    choose_pg_server,
+    create_database,
+    drop_database,
+    make_synthetic_mnist,
+    set_pg_admin_url,
+    start_mlflow_server,
+    stop_process,
+)
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
 from mnist_tune.checks import MAX_NAME_LENGTH, check_name, check_sqlite_store
-from mnist_tune.stores import sqlite_path
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.stores import sqlite_path
+
+from helpers import run_cli
 
 # Names in use by the shipped sweeps, the registry, the train command, tests and docker/.
 GOOD_NAMES = ["mlp-default", "mixer-default", "mlp-wide", "tiny", "tiny-server", "multi", "mnist-tune-train",

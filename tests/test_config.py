@@ -7,16 +7,9 @@ import sys
 import pytest
 import yaml
 
-from mnist_tune.config import (
-    SWEEPS_DIR,
-    TUNABLES,
-    click_option,
-    hyperparameter_problems,
-    load_sweep,
-    split_hyperparameters,
-    sweep_for,
-)
+from mnist_tune.config import SWEEPS_DIR, load_sweep, sweep_for
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.tunables import TUNABLES, click_option, hyperparameter_problems, split_hyperparameters
 
 VALID = {
     "name": "t", "model": "mlp",

@@ -90,11 +90,11 @@ def test_models_normalise_their_own_input():
 
 
 def test_builders_take_exactly_the_model_tunables():
-    """config.TUNABLES is the one list of hyperparameters: each builder's keywords are its model ones."""
+    """tunables.TUNABLES is the one list of hyperparameters: each builder's keywords are its model ones."""
     import inspect
 
-    from mnist_tune.config import MODEL_NAMES, TUNABLES
     from mnist_tune.models import MODELS
+    from mnist_tune.tunables import MODEL_NAMES, TUNABLES
 
     assert tuple(MODELS) == MODEL_NAMES
     for name, builder in MODELS.items():

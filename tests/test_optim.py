@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DEVICES
-from mnist_tune.config import SCHEDULES
 from mnist_tune.optim import FlatAdamW, schedule_table
+from mnist_tune.tunables import SCHEDULES
+
+from helpers import DEVICES
 
 
 def _net(device="cpu"):

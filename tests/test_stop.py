@@ -15,6 +15,7 @@ from mnist_tune.data import load_mnist
 from mnist_tune.models import build_model
 from mnist_tune.stop import Interrupted, signals_deferred
 from mnist_tune.train import TrainConfig, fit
+
 from test_study import embedded_tracking, optuna_storage
 
 
@@ -116,8 +117,8 @@ def test_signal_inside_a_storage_write_lets_it_finish(synthetic_env, tmp_path):
     from sqlalchemy import event
 
     from mnist_tune.config import sweep_for
-    from mnist_tune.worker import Worker, WorkerSettings
     from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
 
     (tmp_path / "signal.yaml").write_text(SIGNAL_SWEEP)
     worker = Worker(sweep_for(None, str(tmp_path / "signal.yaml")),

@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DEVICES
 from mnist_tune import train as train_module
 from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
@@ -11,6 +10,8 @@ from mnist_tune.models import as_input, build_model
 from mnist_tune.optim import FlatAdamW, schedule_table
 from mnist_tune.steps import EagerSteps, GraphedSteps
 from mnist_tune.train import AutogradStep, TrainConfig, _make_train_step, evaluate, fit, resolve_device, seed_everything
+
+from helpers import DEVICES
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_auto_device_and_bad_settings():
 def test_train_config_fields_are_the_training_tunables():
     from dataclasses import fields
 
-    from mnist_tune.config import TRAIN_SETTINGS, split_hyperparameters
+    from mnist_tune.tunables import TRAIN_SETTINGS, split_hyperparameters
 
     assert {f.name for f in fields(TrainConfig)} == set(TRAIN_SETTINGS)
     model_hp, train_hp = split_hyperparameters({"dropout": 0.1, "lr": 0.01, "epochs": 1})
