@@ -80,7 +80,8 @@ class Objective:
             raise BudgetSurplus
         trial.set_user_attr(WORKER_ATTR, this_worker())
         seed = (self.settings.seed or 0) + trial.number
-        model_hp, train_hp = split_hyperparameters({**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": seed})
+        hp = {**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": seed}
+        model_hp, train_hp = split_hyperparameters(hp)
         run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"], retry_of)
         trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
 
@@ -91,8 +92,8 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} ({self.sweep.metric} {value:.4f})")
 
         with record.run_lifecycle(self.tracker, run_id, pruned=(optuna.TrialPruned,)):
-            outcome = train_and_log(self.tracker, run_id, self.sweep.model, model_hp, TrainConfig(**train_hp), self.data,
-                                    self.device, on_epoch=report, progress_position=1)
+            outcome = train_and_log(self.tracker, run_id, self.sweep.model, model_hp, TrainConfig(**train_hp),
+                                    self.data, self.device, on_epoch=report, progress_position=1)
             trial.set_user_attr(record.TEST_ACC_ATTR, outcome.test_acc)
             trial.set_user_attr(record.MODEL_URI_ATTR, outcome.model_uri)
         value = getattr(outcome.history[-1], self.sweep.metric)
