@@ -60,7 +60,7 @@ def test_train_logs_run_and_self_contained_model(synthetic_env, tmp_path, model_
     (["--model", "cnn"], "Invalid value for '--model'"),
     (["--device", "cuda:7"], "not available"),
     (["--device", "gpu"], "unknown device"),
-    (["--model", "mixer", "--patch-size", "5"], "must divide the image size 28"),
+    (["--model", "mixer", "--patch-size", "5"], "does not divide the image size 28"),
     (["--hidden-sizes", "100,x"], "comma-separated list"),
     (["--patch-size", "7"], "does not apply to --model mlp"),
     (["--lr", "0"], "--lr"),
