@@ -95,7 +95,7 @@ class _StudyData:
             for k, d in t.distributions.items():
                 dists.setdefault(k, d)
         self.params = sorted((k for k, d in dists.items() if not d.single()),
-                             key=lambda k: (k not in ("lr", "batch_size"), k))
+                             key=lambda k: ({"lr": 0, "batch_size": 1}.get(k, 2), k))
         self.dists = dists
 
     def need_complete(self, n: int) -> None:

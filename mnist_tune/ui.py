@@ -16,6 +16,7 @@ state: ``workflowType=machine_learning`` (the *Model training* view; a fresh bro
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -139,7 +140,7 @@ def searched_params(trials) -> list[str]:
     varied = [k for k, v in values.items() if len(v) > 1 and k not in HIDDEN_PARAMS]
     if not varied:
         varied = [k for k in ("lr", "batch_size") if k in values]
-    return sorted(varied, key=lambda k: (k not in ("lr", "batch_size"), k))
+    return sorted(varied, key=lambda k: ({"lr": 0, "batch_size": 1}.get(k, 2), k))
 
 
 def study_links(tracking_uri: str, url: str, study: str | None = None, save_view: bool = True) -> StudyLinks | None:
@@ -279,10 +280,13 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # The links need the store (a few seconds on a busy machine): found while the UI starts.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    finding = pool.submit(study_links, uri, url, study)
     try:
         seconds = wait_ready(url, proc, ready_timeout)
         try:
-            links = study_links(uri, url, study)
+            links = finding.result()
         except Exception as e:  # the links are a convenience; the UI is up either way
             links = None
             out(f"(no study links: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
@@ -296,3 +300,4 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop_group(proc)
+        pool.shutdown(wait=True, cancel_futures=True)
