@@ -172,6 +172,12 @@ def study_links(tracking_uri: str, url: str, study: str | None = None, save_view
         if experiment.tags.get(tag) != value:
             client.set_experiment_tag(experiment_id, tag, value)
     ml = "workflowType=machine_learning"
+    plots_page = "/artifacts"  # the study's plots page when it has one, else its artifacts
+    try:
+        if any(a.path == "plots/study.html" for a in client.list_artifacts(parent.info.run_id, "plots")):
+            plots_page = "/artifacts/plots/study.html"
+    except Exception:  # artifacts elsewhere (a server's store we cannot list): the folder view
+        pass
     runs = f"{url}/#/experiments/{experiment_id}/runs?{ml}"
     key = tag[len(SHARED_VIEW_TAG):]
     compare = None
@@ -183,7 +189,7 @@ def study_links(tracking_uri: str, url: str, study: str | None = None, save_view
         study=name, experiment_id=experiment_id, runs=runs,
         table=f"{runs}&viewStateShareKey={key}",
         chart=f"{runs}&viewStateShareKey={key}&compareRunsMode=CHART",
-        parent=f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}",
+        parent=f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}{plots_page}?{ml}",
         compare=compare,
         top_trials=[f"{r.info.run_name} ({metric} {r.data.metrics[metric]:.4f})" for r in top])
 
@@ -197,7 +203,7 @@ def format_links(links: StudyLinks | None, url: str) -> str:
         f"  runs:            {links.runs}",
         f"  params + scores: {links.table}",
         f"  charts:          {links.chart}",
-        f"  study run:       {links.parent}   (Artifacts -> plots/)",
+        f"  study plots:     {links.parent}",
     ]
     if links.compare:
         lines.append(f"  compare top {len(links.top_trials)}:   {links.compare}")

@@ -93,7 +93,7 @@ def test_links_open_the_study_in_model_training_view(tmp_path):
     links = study_links(uri, "http://127.0.0.1:5999")
     assert links.study == "tiny" and links.experiment_id == exp
     assert links.runs == f"http://127.0.0.1:5999/#/experiments/{exp}/runs?workflowType=machine_learning"
-    assert links.parent.endswith(f"/#/experiments/{exp}/runs/{parent}")
+    assert links.parent.endswith(f"/#/experiments/{exp}/runs/{parent}/artifacts?workflowType=machine_learning")
     # Compare: the top three by val_acc, best first.
     query = urllib.parse.parse_qs(links.compare.split("?", 1)[1])
     assert json.loads(query["runs"][0]) == [ids[1], ids[3], ids[0]]
