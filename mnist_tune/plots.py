@@ -217,6 +217,7 @@ def plot_history(data: _StudyData):
     fig.add_scatter(x=best_x, y=best_y, mode="lines", name="best so far", line=dict(color="#d62728", shape="hv"))
     fig.update_layout(title=f"{m} per trial and the running best", xaxis_title="trial", yaxis_title=m,
                       height=420, margin=dict(t=50, b=40))
+    fig.update_xaxes(tickformat="d", dtick=1 if len(data.study.trials) <= 12 else None)  # trials are whole
 
     def png(f):
         ax = f.subplots()
@@ -225,6 +226,7 @@ def plot_history(data: _StudyData):
         ax.scatter([t.number for t in done], [t.value for t in done], color="#1f77b4", label="completed", zorder=3)
         ax.step(best_x, best_y, where="post", color="#d62728", label="best so far")
         ax.set(title=f"{m} per trial and the running best", xlabel="trial", ylabel=m)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
 
