@@ -53,6 +53,28 @@ class StudyLinks:
     top_trials: list[str] = field(default_factory=list)  # "trial-3 (val_acc 0.981)"
 
 
+# mnist_tune.tracking imports mlflow (~2-4 s here): serve() starts the UI first and imports it
+# (for the links) while the UI starts. These two mirror tracking.resolve_tracking_uri / redact;
+# tests/test_ui.py checks that they agree.
+def resolve_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = Path(os.environ.get("MNIST_TUNE_HOME", "mlruns")).absolute()
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _redact(url: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):].split("?", 1)[0])
@@ -61,12 +83,10 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def check_store(uri: str) -> None:
     """Refuse a SQLite store that does not exist; create nothing (MLflow would create it)."""
-    from mnist_tune.tracking import redact
-
     path = _sqlite_path(uri)
     if path is not None and not path.is_file():
         raise MnistTuneError(
-            f"no MLflow store at {path} (from {redact(uri)}); create one with "
+            f"no MLflow store at {path} (from {_redact(uri)}); create one with "
             f"`mnist-tune study --model mlp` (or `mnist-tune train`), or point --tracking-uri at an existing store")
     if uri.startswith("sqlite:") and path is None:
         raise MnistTuneError(f"unsupported SQLite URI {uri}: use sqlite:///<absolute or relative path>")
@@ -267,11 +287,9 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
     """Run the MLflow UI for ``tracking_uri`` until it exits, Ctrl-C or SIGTERM; returns its
     exit status (0 after Ctrl-C/SIGTERM). Raises MnistTuneError, before starting anything, for
     a taken port or a missing store. ``on_ready(url, links)`` is called once it answers (tests)."""
-    from mnist_tune.tracking import redact, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        out(f"the tracking server serves its own UI: {redact(uri)}")
+        out(f"the tracking server serves its own UI: {_redact(uri)}")
         return 0
     check_store(uri)
     check_port(host, port)

@@ -54,6 +54,26 @@ def listing(folder):
 # ---------------------------------------------------------------- refusals (nothing started)
 
 
+@pytest.mark.parametrize("given, env", [(None, {}), (None, {"MLFLOW_TRACKING_URI": "http://h:5000"}),
+                                        ("sqlite:///x.db", {}), ("postgresql://u:secret@h/db", {})])
+def test_uri_resolution_matches_tracking(tmp_path, monkeypatch, given, env):
+    """ui.py resolves the URI without importing mlflow; it must agree with tracking.py."""
+    from mnist_tune import tracking, ui
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MNIST_TUNE_HOME", str(tmp_path / "home"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert ui.resolve_uri(given) == tracking.resolve_tracking_uri(given)
+    assert ui._redact(ui.resolve_uri(given)) == tracking.redact(tracking.resolve_tracking_uri(given))
+
+
+def test_importing_ui_does_not_import_mlflow():
+    code = "import sys, mnist_tune.ui; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_taken_port_is_refused_within_seconds(tmp_path):
     uri, *_ = make_store(tmp_path / "mlruns")
     with socket.socket() as taken:
