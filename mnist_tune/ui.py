@@ -289,7 +289,13 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
     a taken port or a missing store. ``on_ready(url, links)`` is called once it answers (tests)."""
     uri = resolve_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        out(f"the tracking server serves its own UI: {_redact(uri)}")
+        url = _redact(uri).rstrip("/")
+        out(f"the tracking server serves its own UI: {url}")
+        try:  # its links, if it can be asked
+            links = study_links(uri, url, study)
+        except Exception:
+            return 0
+        out(format_links(links, url))
         return 0
     check_store(uri)
     check_port(host, port)

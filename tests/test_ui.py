@@ -135,6 +135,17 @@ def test_links_open_the_study_in_model_training_view(tmp_path):
     assert MlflowClient(uri).get_experiment(exp).tags == tags
 
 
+def test_tracking_server_gets_links_without_a_second_ui(tmp_path, monkeypatch):
+    """A server serves its own UI: nothing is started, its links are printed."""
+    import mnist_tune.ui as ui
+
+    monkeypatch.setattr(ui, "study_links", lambda uri, url, study=None: None)
+    monkeypatch.setattr(subprocess, "Popen", None)  # starting anything would fail
+    printed = []
+    assert serve("http://user:pw@127.0.0.1:9/", out=printed.append) == 0
+    assert printed[0] == "the tracking server serves its own UI: http://user:***@127.0.0.1:9"
+
+
 def test_empty_store_has_no_links(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()
