@@ -51,6 +51,8 @@ class StudyLinks:
     parent: str  # the study's parent run page (plots under Artifacts)
     compare: str | None  # Compare page of the top trials by the study metric
     top_trials: list[str] = field(default_factory=list)  # "trial-3 (val_acc 0.981)"
+    params: list[str] = field(default_factory=list)  # the searched params
+    metric: str = "val_acc"
 
 
 # mnist_tune.tracking imports mlflow (~2-4 s here): serve() starts the UI first and imports it
@@ -211,7 +213,8 @@ def study_links(tracking_uri: str, url: str, study: str | None = None, save_view
         chart=f"{runs}&viewStateShareKey={key}&compareRunsMode=CHART",
         parent=f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}{plots_page}?{ml}",
         compare=compare,
-        top_trials=[f"{r.info.run_name} ({metric} {r.data.metrics[metric]:.4f})" for r in top])
+        top_trials=[f"{r.info.run_name} ({metric} {r.data.metrics[metric]:.4f})" for r in top],
+        params=params, metric=metric)
 
 
 def format_links(links: StudyLinks | None, url: str) -> str:
@@ -227,8 +230,8 @@ def format_links(links: StudyLinks | None, url: str) -> str:
     ]
     if links.compare:
         lines.append(f"  compare top {len(links.top_trials)}:   {links.compare}")
-        lines.append(f"                   {', '.join(links.top_trials)}; pick the metric in the "
-                     f"parallel-coordinates plot (or Settings) if it is not shown")
+        lines.append(f"                   {', '.join(links.top_trials)}; the page keeps no plot choice in its URL:"
+                     f" Clear All, then Parameters {', '.join(links.params) or '...'} and Metrics {links.metric}")
     return "\n".join(lines)
 
 
