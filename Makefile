@@ -21,12 +21,12 @@ venv: $(BIN)/mnist-tune
 study: venv
 	$(BIN)/mnist-tune study --model mlp --trials $(TRIALS)
 
-# tests/test_browser.py drives the MLflow UI with playwright and the system's Chromium
-# (playwright cannot download its own browser here; .ci/run installs the Debian package).
-# Without either the browser tests are skipped with the reason.
+# tests/test_browser.py drives the MLflow UI with playwright (a dev extra) and the system's
+# Chromium (playwright cannot download its own browser here; .ci/run installs the Debian
+# package). Without it the browser tests are skipped with the reason.
 test: venv
-	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/pip install -q playwright
 	@test -x /usr/bin/chromium || echo "note: no /usr/bin/chromium (apt-get install -y chromium): browser tests will be skipped"
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: venv

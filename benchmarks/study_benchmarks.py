@@ -69,7 +69,7 @@ def run_one(spec: str, data_dir: str | None, device: str) -> dict:
         loop_started = time.perf_counter()
         count = worker.run()
         loop = time.perf_counter() - loop_started
-        worker.finish(plots=True)
+        worker.finish()
         wall = time.perf_counter() - started
         best = worker.study.best_trial
     return {"spec": spec, "sweep": sweep_name, "sampler": sampler, "seed": int(seed), "trials": int(trials),

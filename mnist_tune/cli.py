@@ -204,10 +204,10 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
     sweep = sweep_for(model_name, sweep_file).with_overrides(epochs=epochs, val_size=val_size)
     if settings["study_name"] is None:
         check_name(sweep.name, f"{sweep.path}: name")
-    settings = WorkerSettings(storage=storage, **settings)
+    settings = WorkerSettings(storage=storage, plots=not no_plots, **settings)
     from mnist_tune.worker import run_study  # torch and MLflow: only once the input is known good
 
-    for line in run_study(sweep, settings, tracking_uri, data_dir, device, threads, plots=not no_plots,
+    for line in run_study(sweep, settings, tracking_uri, data_dir, device, threads,
                           log=lambda m: click.echo(m, err=True)):
         click.echo(line)
 
@@ -303,20 +303,14 @@ def predict(run_id, model_uri, invert, images, tracking_uri):
 @cli.command()
 @click.option("--host", default="127.0.0.1", help="Loopback by default; 0.0.0.0 exposes it to the network.")
 @click.option("--port", type=int, default=5000)
+@click.option("--study", "study_name", default=None, help="Study to link to [default: the newest].")
 @tracking_option
-def ui(host, port, tracking_uri):
-    """Start the MLflow UI on the embedded store (or show where a server's UI is)."""
-    import os
+def ui(host, port, study_name, tracking_uri):
+    """Start the MLflow UI on the embedded store and print links into the study (or show
+    where a server's UI is)."""
+    from mnist_tune.ui import serve
 
-    from mnist_tune.stores import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        click.echo(f"the tracking server serves its own UI: {uri}")
-        return
-    click.echo(f"MLflow UI on http://{host}:{port} for {uri}", err=True)
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                              "--host", host, "--port", str(port), "--workers", "1"])
+    sys.exit(serve(tracking_uri, host, port, study=study_name, out=click.echo))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 GREY = "#b0b0b0"
 COLORSCALE = "Viridis"
@@ -372,7 +372,6 @@ def plot_curves(data: _StudyData):
 
 
 def plot_lr_batch(data: _StudyData):
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     data.need_complete(2)
@@ -403,8 +402,9 @@ def plot_lr_batch(data: _StudyData):
     fig = make_subplots(rows=1, cols=3, subplot_titles=(f"{m} vs {px}", f"{m} vs {py}", f"{px} x {py}"),
                         horizontal_spacing=0.08)
     marker = dict(color=values, colorscale=COLORSCALE, cmin=low, cmax=high, size=9, line=dict(width=0.5, color="white"))
-    fig.add_scatter(x=shown(px, ax_x), y=values, mode="markers", marker=marker, text=hover, showlegend=False, row=1, col=1)
-    fig.add_scatter(x=shown(py, ax_y), y=values, mode="markers", marker=marker, text=hover, showlegend=False, row=1, col=2)
+    points = dict(mode="markers", marker=marker, text=hover, showlegend=False, row=1)
+    fig.add_scatter(x=shown(px, ax_x), y=values, col=1, **points)
+    fig.add_scatter(x=shown(py, ax_y), y=values, col=2, **points)
     fig.add_scatter(x=shown(px, ax_x), y=shown(py, ax_y), mode="markers", text=hover, showlegend=False, row=1, col=3,
                     marker={**marker, "size": 11, "showscale": True, "colorbar": dict(title=m)})
     fig.update_xaxes(title_text=px, row=1, col=1, **xaxis(ax_x))

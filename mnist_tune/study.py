@@ -62,6 +62,7 @@ class WorkerSettings:
     max_retry: int = 2
     max_failures: int | None = None  # real failures (exceptions, NaN) that stop the worker
     finish_trial_on_signal: bool = False  # first SIGTERM/SIGINT: finish the current trial, then stop
+    plots: bool = True  # on the parent run: updated as trials finish (HTML), PNGs too at the end
 
     def __post_init__(self):
         if self.grace_period <= self.heartbeat_interval:  # else live workers would be declared dead

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.stores import redact, resolve_tracking_uri, sqlite_path
 
 # The runs table's saved view: parent expanded to its trials, these columns visible.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
@@ -58,37 +59,12 @@ class StudyLinks:
 # mnist_tune.tracking imports mlflow (~2-4 s here): serve() starts the UI first and imports it
 # (for the links) while the UI starts. These two mirror tracking.resolve_tracking_uri / redact;
 # tests/test_ui.py checks that they agree.
-def resolve_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    home = Path(os.environ.get("MNIST_TUNE_HOME", "mlruns")).absolute()
-    return f"sqlite:///{home / 'mlflow.db'}"
-
-
-def _redact(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    return None
-
-
 def check_store(uri: str) -> None:
     """Refuse a SQLite store that does not exist; create nothing (MLflow would create it)."""
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise MnistTuneError(
-            f"no MLflow store at {path} (from {_redact(uri)}); create one with "
+            f"no MLflow store at {path} (from {redact(uri)}); create one with "
             f"`mnist-tune study --model mlp` (or `mnist-tune train`), or point --tracking-uri at an existing store")
     if uri.startswith("sqlite:") and path is None:
         raise MnistTuneError(f"unsupported SQLite URI {uri}: use sqlite:///<absolute or relative path>")
@@ -290,9 +266,9 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
     """Run the MLflow UI for ``tracking_uri`` until it exits, Ctrl-C or SIGTERM; returns its
     exit status (0 after Ctrl-C/SIGTERM). Raises MnistTuneError, before starting anything, for
     a taken port or a missing store. ``on_ready(url, links)`` is called once it answers (tests)."""
-    uri = resolve_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        url = _redact(uri).rstrip("/")
+        url = redact(uri).rstrip("/")
         out(f"the tracking server serves its own UI: {url}")
         try:  # its links, if it can be asked
             links = study_links(uri, url, study)
@@ -302,7 +278,7 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
         return 0
     check_store(uri)
     check_port(host, port)
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     artifacts = path.parent / "artifacts" if path is not None else None
     url = base_url(host, port)
 

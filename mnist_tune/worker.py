@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -41,6 +42,8 @@ from mnist_tune.study import (
 )
 from mnist_tune.tracking import Tracker
 from mnist_tune.tunables import split_hyperparameters
+
+PLOTS_EVERY = 10  # trials between updates of the parent run's plots (HTML only; PNGs at the end)
 
 
 class BudgetSurplus(Exception):
@@ -203,10 +206,12 @@ class Worker:
             self.log(f"trial {trial.number} failed: {trial.user_attrs.get(record.ERROR_ATTR, 'see its MLflow run')}")
         if (best := best_trial(self.study)) is not None:
             trials_bar.set_postfix(best=f"{best.value:.4f}")
+        if self.settings.plots and self.trials_run % PLOTS_EVERY == 0:  # the parent's plots follow the study
+            self._log_plots(png=False)
 
     # ---- the end --------------------------------------------------------------------------
 
-    def finish(self, plots: bool = True) -> None:
+    def finish(self) -> None:
         """Close the parent run when the study's budget is spent and nothing runs; attach
         plots. Idempotent, so every worker may call it."""
         trials = self.study.get_trials(deepcopy=False)
@@ -221,15 +226,16 @@ class Worker:
                                  best.number, run_id, step=len(trials), trials_complete=count.complete,
                                  trials_pruned=count.pruned, trials_failed=count.failed)
             self.record.promote(self.sweep.model, run_id, best.user_attrs.get(record.MODEL_URI_ATTR))
-            if plots:
+            if self.settings.plots:
                 self._log_plots()
         self.record.end("FINISHED")
 
-    def _log_plots(self) -> None:
+    def _log_plots(self, png: bool = True) -> None:
         from mnist_tune.plots import write_study_plots
 
         with tempfile.TemporaryDirectory() as folder:
-            self.record.log_files(write_study_plots(self.study, folder, self.sweep.metric, log=self.log), "plots")
+            plots = write_study_plots(self.study, Path(folder), self.sweep.metric, png=png, log=self.log)
+            self.record.log_files(plots, "plots")
 
     def interrupted(self) -> None:
         """After Ctrl-C/SIGTERM: if no other worker is mid-trial, the parent run is KILLED."""
@@ -238,7 +244,7 @@ class Worker:
 
 
 def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, data_dir, device: str,
-              threads: int | None = None, plots: bool = True, log=None) -> list[str]:
+              threads: int | None = None, log=None) -> list[str]:
     """``mnist-tune study``: join the study, run trials until its budget is spent, close it.
     Returns the summary lines to print."""
     import torch
@@ -257,7 +263,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     worker.open()
     try:
         count = worker.run()
-        worker.finish(plots=plots)
+        worker.finish()
     except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
         worker.interrupted()
         e.outcome = "the current trial was closed, rerun the command to finish the study"

@@ -8,14 +8,11 @@ tests/screenshots/ (git-ignored). About a minute on a 2-core machine.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,8 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"),
 ]
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+playwright_api = pytest.importorskip("playwright.sync_api",
+                                     reason="playwright is not installed (pip install playwright)")
 
 # Every trial completes (no pruner, sane learning rates), so three can be compared.
 SWEEP = """
@@ -59,7 +57,8 @@ def study_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     make_synthetic_mnist(root / "data")
     (root / "sweep.yaml").write_text(SWEEP)
-    env = {**os.environ, "MNIST_TUNE_DATA": str(root / "data"), "MNIST_TUNE_CHECKSUMS": str(root / "data" / "md5sums.txt"),
+    env = {**os.environ, "MNIST_TUNE_DATA": str(root / "data"),
+           "MNIST_TUNE_CHECKSUMS": str(root / "data" / "md5sums.txt"),
            "MNIST_TUNE_HOME": str(root / "mlruns")}
     env.pop("MLFLOW_TRACKING_URI", None)
     run_cli("study", "--sweep", root / "sweep.yaml", "--trials", "4", env=env)

@@ -14,9 +14,10 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import free_port
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.ui import SHARED_VIEW_TAG, serve, study_links
+
+from helpers import free_port
 
 
 def make_store(folder, study="tiny", trials=((0.003, 50, 0.91), (0.001, 100, 0.95), (1e-6, 50, 0.10),
@@ -52,20 +53,6 @@ def listing(folder):
 
 
 # ---------------------------------------------------------------- refusals (nothing started)
-
-
-@pytest.mark.parametrize("given, env", [(None, {}), (None, {"MLFLOW_TRACKING_URI": "http://h:5000"}),
-                                        ("sqlite:///x.db", {}), ("postgresql://u:secret@h/db", {})])
-def test_uri_resolution_matches_tracking(tmp_path, monkeypatch, given, env):
-    """ui.py resolves the URI without importing mlflow; it must agree with tracking.py."""
-    from mnist_tune import tracking, ui
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MNIST_TUNE_HOME", str(tmp_path / "home"))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    assert ui.resolve_uri(given) == tracking.resolve_tracking_uri(given)
-    assert ui._redact(ui.resolve_uri(given)) == tracking.redact(tracking.resolve_tracking_uri(given))
 
 
 def test_importing_ui_does_not_import_mlflow():
