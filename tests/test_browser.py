@@ -208,9 +208,6 @@ def test_champion_version_and_logged_model_link_each_other(ui, page, study_store
     assert len(found) == 1
     logged = found[0]
     model_id = logged.model_id
-    if "mlflow.modelVersions" not in logged.tags:
-        pytest.xfail("the champion was registered with MlflowClient.create_model_version, which does not tag "
-                     "the logged model; the UI links them once tracking uses mlflow.register_model")
     experiment_id = logged.experiment_id
     page.goto(f"{ui['url']}/#/models/mnist-mlp/versions/{version.version}")
     link = page.locator(f"a[href*='{model_id}']").first

@@ -98,7 +98,7 @@ def test_study_budget_is_total_and_runs_match(synthetic_env, tmp_path, tiny_swee
     # parent run: finished, sweep file and plots attached, best trial recorded
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= artifacts
+    assert {"plots/study.html", "plots/history.png", "plots/curves.png"} <= artifacts
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")] == ["sweep/tiny.yaml"]
     best = study.best_trial
     assert parent.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
