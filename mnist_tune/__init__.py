@@ -1,7 +1,7 @@
 """mnist-tune: Optuna sweeps over MNIST models, every trial tracked in MLflow.
 
-Data flows one way: cli -> config -> study -> (space, models, data, train, tracking).
-``models`` and ``train`` know nothing of Optuna or MLflow.
+Data flows one way: cli -> config -> worker -> (study, record -> tracking, run -> models, data,
+train). ``models`` and ``train`` know nothing of Optuna or MLflow.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
