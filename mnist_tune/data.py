@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -237,10 +237,13 @@ class MNISTSplits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    # Where the splits came from, for each run's dataset inputs: the folder, the four files'
+    # MD5s and the validation split's seed and size.
+    lineage: dict = field(default_factory=dict, compare=False)
 
     def to(self, device) -> "MNISTSplits":
         return MNISTSplits(*(t.to(device) for t in (self.train_x, self.train_y, self.val_x,
-                                                     self.val_y, self.test_x, self.test_y)))
+                                                     self.val_y, self.test_x, self.test_y)), self.lineage)
 
 
 @functools.lru_cache(maxsize=4)
@@ -262,7 +265,8 @@ def load_mnist(data_dir: Path | str | None = None, val_size: int = 5000, seed: i
         raise MnistTuneError(f"validation size {val_size} must be between 1 and {len(train_x) - 1}")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]
-    return MNISTSplits(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y)
+    lineage = {"source": str(data_dir.absolute()), "md5": expected_checksums(), "val_seed": seed, "val_size": val_size}
+    return MNISTSplits(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y, lineage)
 
 
 def load_test_split(data_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

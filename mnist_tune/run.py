@@ -7,6 +7,8 @@ ends the run; only the caller knows whether it was pruned.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -53,6 +55,8 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
     tracker.log_params(run_id, {**model_params(model_name, model_hp), **asdict(hp),
                                 "device": device.type,
                                 "parameters": sum(p.numel() for p in model.parameters())})
+    if data.lineage:
+        tracker.log_datasets(run_id, dataset_inputs(data))
     epochs = bar(hp.epochs, f"{model_name} epochs", "epoch", position=progress_position, leave=False)
 
     def after_epoch(epoch: int, metrics: EpochMetrics) -> None:
@@ -103,6 +107,20 @@ def _flush_epoch_metrics(tracker: Tracker, run_id: str) -> None:
         if ending_with is None:
             raise
         warnings.warn(f"run {run_id}: could not write its epoch metrics ({e}) while it ended with {ending_with!r}")
+
+
+def dataset_inputs(data: MNISTSplits) -> list[dict]:
+    """The run's three splits as MLflow dataset inputs: named, digested from the files' MD5s
+    and the validation split, so runs trained on the same data show the same digest."""
+    lineage = data.lineage
+    sizes = {"training": len(data.train_y), "validation": len(data.val_y), "test": len(data.test_y)}
+    inputs = []
+    for context, rows in sizes.items():
+        profile = {"rows": rows, **lineage, "augmentation": "none"}
+        key = json.dumps({"context": context, **lineage}, sort_keys=True)
+        inputs.append({"name": f"mnist-{context}", "digest": hashlib.md5(key.encode()).hexdigest()[:8],
+                       "source": lineage["source"], "context": context, "profile": profile})
+    return inputs
 
 
 def input_example(data: MNISTSplits):

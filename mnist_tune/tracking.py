@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import logging
 import os
 import tempfile
@@ -33,9 +34,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402  (after the environment settings above)
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
 for _name in ("mlflow", "alembic"):  # after import: mlflow configures its logger when imported
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -182,6 +184,15 @@ class Tracker:
     @_timed
     def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), folder)
+
+    @_timed
+    def log_datasets(self, run_id: str, datasets: list[dict]) -> None:
+        """Dataset inputs (the UI's *Dataset* column): each a dict with name, digest, source
+        (a path or URI), context (training, validation, test) and profile (shown as is)."""
+        self.client.log_inputs(run_id, datasets=[DatasetInput(
+            Dataset(name=d["name"], digest=d["digest"], source_type="local", source=json.dumps({"uri": d["source"]}),
+                    profile=json.dumps(d["profile"])), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+            for d in datasets])
 
     @_timed
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:

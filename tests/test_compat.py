@@ -40,7 +40,7 @@ def test_study_from_the_previous_release_resumes(synthetic_env, tmp_path, previo
     new = run_cli("study", "--sweep", "tiny.yaml", "--trials", "5", env=synthetic_env)
     assert "5/5 trials" in new.stdout and "this worker ran 2" in new.stdout
     study, client, parent, _ = check_study_matches_mlflow(optuna_storage(tmp_path), embedded_tracking(tmp_path),
-                                                          expect_trials=5)
+                                                          expect_trials=5, lineage_from=3)
     assert parent.info.run_id == before.user_attrs["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
     # the old layout is kept: its artifact folder was named after the study (new ones are not)
     assert client.get_experiment_by_name("tiny").artifact_location.endswith("/artifacts/tiny")

@@ -43,7 +43,8 @@ def embedded_tracking(tmp_path):
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
-def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "tiny", expect_trials=None):
+def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "tiny", expect_trials=None,
+                               lineage_from: int = 0):
     """The invariants of the MLflow layout, checked against Optuna's own record."""
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = [t for t in study.trials if not t.user_attrs.get("budget_surplus")]
@@ -57,6 +58,7 @@ def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "t
     children = client.search_runs([experiment.experiment_id], "tags.`mnist_tune.role` = 'trial'", max_results=1000)
     assert len(children) == len(trials)
     by_trial = {int(r.data.tags["mnist_tune.trial"]): r for r in children}
+    digests = set()
     assert sorted(by_trial) == sorted(t.number for t in trials)  # one run per trial, no duplicates
     for t in trials:
         run = by_trial[t.number]
@@ -67,6 +69,13 @@ def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "t
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
         for name, value in t.params.items():
             assert run.data.params[name] == str(value)
+        # data lineage: the three splits, named, with the files' MD5s and the validation split
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        if t.number >= lineage_from:  # trials of releases before it have none
+            assert sorted(inputs) == ["test", "training", "validation"]
+            profile = json.loads(inputs["validation"].profile)
+            assert profile["rows"] == 200 and profile["val_seed"] == 0 and len(profile["md5"]) == 4
+            digests.add(tuple(sorted((k, d.digest) for k, d in inputs.items())))
         epochs = len(t.intermediate_values)
         for metric in ("train_loss", "val_loss", "val_acc", "epoch_seconds"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
@@ -78,6 +87,7 @@ def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "t
             assert "nan" in run.data.tags["mnist_tune.error"].lower()
     running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
     assert running == []
+    assert len(digests) <= 1  # every trial trained and validated on the same data
     return study, client, parent, by_trial
 
 
