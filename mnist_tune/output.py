@@ -49,7 +49,7 @@ def short(value, digits: int = 4) -> str:
     return str(value)
 
 
-def columns(rows: list[dict], names: list[str], formats: dict | None = None) -> list[str]:
+def columns(rows: list[dict], names: list[str], formats: dict | None = None, gap: str = "  ") -> list[str]:
     """Aligned text columns (numbers right-aligned), one line per row plus a header."""
     formats = formats or {}
     cells = [[formats.get(n, short)(r.get(n)) for n in names] for r in rows]
@@ -57,7 +57,7 @@ def columns(rows: list[dict], names: list[str], formats: dict | None = None) -> 
     numeric = [all(isinstance(r.get(n), (int, float)) or r.get(n) is None for r in rows) for n in names]
 
     def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        return gap.join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
 
     return [line(names)] + [line(c) for c in cells]
 
@@ -106,7 +106,9 @@ def trials_table(rows: list[dict], study: str, metric: str, fixed: dict) -> str:
     varying = [k for k in params if k not in constant]
     marked = [{**r, "state": STATE_MARK.get(r["state"], r["state"])} for r in rows]
     score = {metric: _score, "test_acc": _score}
-    return "\n".join([header] + columns(marked, ["trial", "state", metric, "test_acc", *varying, "run_id"], score))
+    # one space between columns: the default sweep's table fits 120 columns with full run ids
+    table = columns(marked, ["trial", "state", metric, "test_acc", *varying, "run_id"], score, gap=" ")
+    return "\n".join([header] + table)
 
 
 def _score(value) -> str:

@@ -291,7 +291,8 @@ def status_record(storage, name: str) -> dict:
 
 def trial_rows(study: optuna.Study) -> list[dict]:
     """One row per trial: number, state, the study metric (its last reported value for a
-    trial that did not complete), test accuracy, params, MLflow run id; best first."""
+    trial that did not complete), test accuracy, params, MLflow run id; completed trials
+    first, best first, then the others by their last value."""
     metric = study_metric(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -303,4 +304,5 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                      "test_acc": t.user_attrs.get(record.TEST_ACC_ATTR), **t.params,
                      "run_id": t.user_attrs.get(record.RUN_ATTR)})
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0), r["trial"]))
+    return sorted(rows, key=lambda r: (r["state"] != "COMPLETE", r[metric] is None, sign * (r[metric] or 0),
+                                       r["trial"]))
