@@ -13,6 +13,7 @@ import sys
 import click
 
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.output import FORMATS
 from mnist_tune.tunables import MODEL_NAMES
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -34,7 +35,7 @@ def data_dir_option(f):
 
 
 def format_option(f):
-    return click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
                         help="table for people; json/csv with full precision for machines.")(f)
 
 
