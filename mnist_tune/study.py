@@ -13,6 +13,7 @@ The only module that creates Optuna objects. It imports neither torch nor MLflow
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -120,8 +121,9 @@ def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _process_gone(worker: str | None) -> bool:
-    """True if ``worker`` ("host:pid") ran on this host and that process is no longer a worker."""
+def _process_gone(worker: str | None, since: datetime.datetime | None) -> bool:
+    """True if ``worker`` ("host:pid") ran on this host and that process has exited (or its pid
+    now belongs to a process started after ``since``, the trial's start)."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -131,14 +133,25 @@ def _process_gone(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")  # a reused pid is some other program
-    return cmdline.exists() and b"mnist" not in cmdline.read_bytes()
+    started = _process_start(int(pid))
+    return started is not None and since is not None and started > since.timestamp() + 1
+
+
+def _process_start(pid: int) -> float | None:
+    """When a process started (epoch seconds), from /proc; None where there is no /proc."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def dead_local_trials(study: optuna.Study) -> list[FrozenTrial]:
     """RUNNING trials whose worker ran on this host and has exited (killed, crashed)."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if _process_gone(t.user_attrs.get(WORKER_ATTR))]
+            if _process_gone(t.user_attrs.get(WORKER_ATTR), t.datetime_start)]
 
 
 def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[FrozenTrial]:
@@ -146,7 +159,7 @@ def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> lis
     study_id = storage.get_study_id_from_name(study.study_name)
     stale = {storage.get_trial_number_from_id(i) for i in stale_trial_ids(storage, study_id)}
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.number not in stale and not _process_gone(t.user_attrs.get(WORKER_ATTR))]
+            if t.number not in stale and not _process_gone(t.user_attrs.get(WORKER_ATTR), t.datetime_start)]
 
 
 # --------------------------------------------------------------------- study set-up
