@@ -34,6 +34,10 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
+class NotThereYet(MnistTuneError):
+    """The storage has no Optuna tables or no such study yet: worth waiting for (--wait)."""
+
+
 def _redact(url: str) -> str:
     from mnist_tune.tracking import redact
 
@@ -61,7 +65,7 @@ def open_storage_readonly(url: str | None):
     if scheme.startswith("sqlite"):
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if not path or path == ":memory:" or not Path(path).is_file():
-            raise MnistTuneError(f"no Optuna storage at {path or url}: run a study first, or give --storage")
+            raise NotThereYet(f"no Optuna storage at {path or url}: run a study first, or give --storage")
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
@@ -72,7 +76,7 @@ def open_storage_readonly(url: str | None):
         finally:
             engine.dispose()
         if not has_studies:
-            raise MnistTuneError(f"{_redact(url)} holds no Optuna storage (no studies table): run a study first")
+            raise NotThereYet(f"{_redact(url)} holds no Optuna storage (no studies table): run a study first")
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
     except MnistTuneError:
         raise
@@ -95,7 +99,7 @@ def find_study(storage, study_name: str, wait: float = 0.0) -> int:
                 return study._study_id
         if time.monotonic() >= deadline:
             names = ", ".join(sorted(s.study_name for s in studies)) or "(none)"
-            raise MnistTuneError(f"no study named {study_name!r} in this storage; studies: {names}")
+            raise NotThereYet(f"no study named {study_name!r} in this storage; studies: {names}")
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
@@ -168,10 +172,20 @@ class Dashboard:
 
 def open_dashboard(storage_url: str | None, study_name: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                    *, wait: float = 0.0, read_only: bool = True) -> Dashboard:
-    """Check the storage and the study, then bind the server (not serving yet)."""
-    storage = open_storage_readonly(storage_url)
+    """Check the storage and the study, then bind the server (not serving yet). ``wait``:
+    seconds to wait for the storage's tables and the study to appear (a dashboard started
+    beside the workers that create them); other errors are raised at once."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            storage = open_storage_readonly(storage_url)
+            break
+        except NotThereYet:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(2.0)
     try:
-        study_id = find_study(storage, study_name, wait)
+        study_id = find_study(storage, study_name, max(0.0, deadline - time.monotonic()))
     except BaseException:
         storage.engine.dispose()
         raise
@@ -230,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="file holding the storage URL [$MNIST_TUNE_STORAGE_FILE]")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it to the network")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the study to appear")
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="seconds to wait for the storage and the study to appear (started beside the workers)")
     args = parser.parse_args(argv)
     try:
         serve(_storage_from(args), args.study, args.host, args.port, wait=args.wait,
