@@ -254,6 +254,19 @@ def test_forbidden_is_one_line_and_grants_fix_it(auth_server, worker_account, mo
     client = MlflowClient(auth_server.url)
     run_id = client.create_run(admin_experiment).info.run_id
     client.delete_run(run_id)
+
+    # EDIT on the admin's registered model is enough for the study's champion: a new version
+    # from the worker's own run, and the @champion alias moved to it.
+    import torch
+
+    from mnist_tune.tracking import Tracker
+
+    tracker = Tracker(auth_server.url)
+    own_run = tracker.start_run(tracker.experiment("worker-models"), "champion")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    model_uri = tracker.log_model(own_run, model, torch.rand(4, 1, 28, 28).numpy())
+    version = tracker.promote_champion("mnist-mlp", model_uri, own_run)
+    assert client.get_model_version_by_alias("mnist-mlp", "champion").version == version
     with pytest.raises(MlflowException, match="403"):  # still no user administration
         from mlflow.server.auth.client import AuthServiceClient
 

@@ -574,7 +574,7 @@ class Local:
                 value = local + value[len(target):]
                 break
             value = value.replace(f"sqlite:///{target}/", f"sqlite:///{local}/")
-        assert "postgres:5432" not in value and "mlflow:5000" not in value, f"not rewritten: {value!r}"
+        assert "@postgres:5432" not in value and "://mlflow:5000" not in value, f"not rewritten: {value!r}"
         return value
 
     def argv(self, service: dict) -> list[str]:
@@ -766,7 +766,7 @@ def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases, 
         for secret in all_secrets:
             assert secret not in output, "the worker printed a secret"
             assert secret not in logs, "a service logged a secret"
-        assert proc.returncode == 0, output[-4000:]
+        assert proc.returncode == 0, output[-3000:] + "\n--- server log:\n" + server_log.read_text()[-4000:]
 
         # ---- both stores: the same two finished trials, nested under one parent run
         trials = optuna.load_study(study_name=study, storage=worker_env["MNIST_TUNE_STORAGE"]).get_trials()
