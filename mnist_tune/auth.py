@@ -87,6 +87,18 @@ def _host_creds(tracking_uri: str):
     return get_default_host_creds(tracking_uri)
 
 
+def _login():
+    """The login MLflow's client sends (username/password from the env or
+    ~/.mlflow/credentials, token from the env), without needing a host."""
+    from types import SimpleNamespace
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    return SimpleNamespace(username=creds.username, password=creds.password,
+                           token=os.environ.get("MLFLOW_TRACKING_TOKEN"))
+
+
 def _request(tracking_uri: str, endpoint: str, params: dict | None = None, timeout: float = 10):
     """One GET with the login MLflow's client would send (env vars, ~/.mlflow/credentials,
     token, TLS settings); no retries. Returns the response, or raises MnistTuneError when
@@ -107,8 +119,8 @@ def _who(creds) -> str:
     return "the token in MLFLOW_TRACKING_TOKEN" if creds.token else "no login"
 
 
-def _refusal(tracking_uri: str, status: int, creds, what: str = "") -> MnistTuneError:
-    where = f"MLflow server {_redact(tracking_uri)}"
+def _refusal(tracking_uri: str | None, status: int, creds, what: str = "") -> MnistTuneError:
+    where = f"MLflow server {_redact(tracking_uri)}" if tracking_uri else "the MLflow server"
     if status == 401:
         if not (creds.username or creds.token):
             return MnistTuneError(f"{where} requires a login: set {LOGIN_VARS}")
@@ -151,10 +163,12 @@ def check_credentials(tracking_uri: str, experiment: str | None = None, timeout:
     return username
 
 
-def auth_error(error: BaseException, tracking_uri: str) -> MnistTuneError | None:
+def auth_error(error: BaseException, tracking_uri: str | None = None) -> MnistTuneError | None:
     """An MlflowException raised by a 401/403 (a permission revoked mid-study, a grant
     missing on a registered model), as one MnistTuneError line; None for anything else.
-    For the CLI's last-resort handler: ``e2 = auth_error(e, uri); if e2: fail(str(e2))``."""
+    For the CLI's last-resort handler: ``mapped = auth_error(e); if mapped: fail(str(mapped))``.
+    ``tracking_uri``: named in the message; default $MLFLOW_TRACKING_URI."""
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     text = str(error)
     code = getattr(error, "error_code", "")
     if "error code 401" in text or code == "UNAUTHENTICATED":
@@ -166,7 +180,7 @@ def auth_error(error: BaseException, tracking_uri: str) -> MnistTuneError | None
     endpoint = ""
     if "endpoint " in text:
         endpoint = "for " + text.split("endpoint ", 1)[1].split()[0]
-    return _refusal(tracking_uri, status, _host_creds(tracking_uri), endpoint)
+    return _refusal(tracking_uri, status, _login(), endpoint)
 
 
 # ------------------------------------------------------------------ accounts (admin side)

@@ -243,6 +243,10 @@ def test_forbidden_is_one_line_and_grants_fix_it(auth_server, worker_account, mo
                            "/api/2.0/mlflow/runs/create (403 Forbidden); an admin must grant it (see "
                            "docker/README.md, 'Workers on other hosts')")
     assert auth_error(ValueError("something else"), auth_server.url) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server.url)  # the URI named, by default, is the env's
+    assert str(auth_error(raised.value)) == str(mapped)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert str(auth_error(raised.value)).startswith("the MLflow server: user 'worker' has no permission for ")
 
     # The admin grants MANAGE on the experiment (what a study's workers need: runs, and deleting
     # a duplicate parent run after a start-up race) and EDIT on a registered model.
