@@ -56,21 +56,10 @@ def _urls(storage, storage_file, tracking_uri, tracking_uri_file):
     return from_file(storage, storage_file, "storage"), from_file(tracking_uri, tracking_uri_file, "tracking URI")
 
 
-def _storage(storage_url: str | None):
-    """An existing storage: a read command never creates one."""
-    from mnist_tune.stores import resolve_storage, sqlite_path
-    from mnist_tune.study import open_storage
-
-    path = sqlite_path(resolve_storage(storage_url))
-    if path is not None and not path.exists():
-        raise MnistTuneError(f"no Optuna storage at {path}; run `mnist-tune study ...` first or pass --storage")
-    return open_storage(storage_url)
-
-
 def _existing_study(storage_url: str | None, name: str):
-    from mnist_tune.study import load_existing_study
+    from mnist_tune.study import load_existing_study, open_existing_storage
 
-    return load_existing_study(_storage(storage_url), name)
+    return load_existing_study(open_existing_storage(storage_url), name)
 
 
 class _Stopped(Exception):
@@ -234,10 +223,10 @@ def best(study_name, as_json, fmt, storage, storage_file, tracking_uri, tracking
 def status(study_name, fmt, storage, storage_file, tracking_uri, tracking_uri_file):
     """Trials by state, live workers (by heartbeat), budget left, best so far."""
     from mnist_tune.output import render, status_table
-    from mnist_tune.study import status_record
+    from mnist_tune.study import open_existing_storage, status_record
 
     storage_url, _ = _urls(storage, storage_file, tracking_uri, tracking_uri_file)
-    click.echo(render(status_record(_storage(storage_url), study_name), fmt, status_table))
+    click.echo(render(status_record(open_existing_storage(storage_url), study_name), fmt, status_table))
 
 
 @cli.command()
@@ -266,19 +255,30 @@ def _model_uri(run_id, model_uri) -> str:
 @cli.command()
 @click.option("--run-id", default=None)
 @click.option("--model-uri", default=None, help="e.g. models:/mnist-mlp@champion")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--log/--no-log", "log_to_run", default=True,
+              help="Record per-class metrics and the confusion matrix on the run (--run-id).")
 @data_dir_option
 @tracking_option
-def evaluate(run_id, model_uri, data_dir, tracking_uri):
-    """Reload a logged model from MLflow and report its test accuracy."""
+def evaluate(run_id, model_uri, fmt, log_to_run, data_dir, tracking_uri):
+    """Reload a logged model from MLflow: test accuracy, per digit too, confusion matrix."""
+    import json
+
     from mnist_tune.data import load_test_split
+    from mnist_tune.report import classifier_report, format_report, log_report
     from mnist_tune.tracking import Tracker, load_model
-    from mnist_tune.train import evaluate as evaluate_split
 
     uri = _model_uri(run_id, model_uri)
     tracker = Tracker(tracking_uri)
     logged = tracker.get_run(run_id).data.metrics.get("test_acc") if run_id else None
-    _, acc = evaluate_split(load_model(uri, tracker.uri), *load_test_split(data_dir))
-    click.echo(f"{uri}: test_acc {acc:.4f}" + (f" (logged {logged:.4f})" if logged is not None else ""))
+    report = classifier_report(load_model(uri, tracker.uri), *load_test_split(data_dir))
+    if run_id and log_to_run:
+        log_report(tracker, run_id, report)
+    if fmt == "json":
+        click.echo(json.dumps({"model_uri": uri, "run_id": run_id, "logged_test_acc": logged, **report}, indent=2))
+        return
+    click.echo(f"{uri}: test_acc {report['accuracy']:.4f}" + (f" (logged {logged:.4f})" if logged is not None else ""))
+    click.echo(format_report(report))
 
 
 @cli.command()
@@ -314,8 +314,25 @@ def ui(host, port, study_name, tracking_uri):
     sys.exit(serve(tracking_uri, host, port, study=study_name, out=click.echo))
 
 
+@cli.command()
+@click.option("--study", "study_name", required=True)
+@click.option("--host", default="127.0.0.1", help="Loopback by default; 0.0.0.0 exposes it (no login!).")
+@click.option("--port", type=int, default=8080)
+@click.option("--wait", type=click.FloatRange(min=0), default=0, help="Seconds to wait for the study to appear.")
+@storage_options
+def dashboard(study_name, host, port, wait, storage, storage_file, tracking_uri, tracking_uri_file):
+    """optuna-dashboard on the study's storage (read-only); Ctrl-C stops it."""
+    from mnist_tune.dashboard import serve
+
+    serve(_urls(storage, storage_file, tracking_uri, tracking_uri_file)[0], study_name, host, port, wait=wait,
+          log=click.echo)
+
+
 def main() -> None:
+    from mnist_tune.auth import CLIENT_SECRETS, auth_error, resolve_secret_files
+
     try:
+        resolve_secret_files(CLIENT_SECRETS)  # MLFLOW_TRACKING_*_FILE -> the variables MLflow reads
         cli.main(standalone_mode=False)
     except MnistTuneError as e:
         fail(str(e), e.exit_code)
@@ -329,3 +346,8 @@ def main() -> None:
         fail(f"interrupted ({e or 'Ctrl-C'})" + (f"; {outcome}" if outcome else ""), code=getattr(e, "exit_code", 130))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
+    except Exception as e:  # a 401/403 met after the start-up check (a grant missing or revoked)
+        refused = auth_error(e)
+        if refused is None:
+            raise
+        fail(str(refused))

@@ -102,6 +102,43 @@ def open_storage(url: str | None, heartbeat_interval: int = HEARTBEAT_INTERVAL, 
             time.sleep(0.5 * (attempt + 1))
 
 
+class NotThereYet(MnistTuneError):
+    """The storage has no Optuna tables or no such study yet: worth waiting for (dashboard --wait)."""
+
+
+def open_existing_storage(url: str | None) -> optuna.storages.RDBStorage:
+    """The storage for a read command: a missing SQLite file or a database without Optuna's
+    tables is an error, and nothing is created."""
+    import sqlalchemy
+
+    url = resolve_storage(url)
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
+        raise MnistTuneError(f"unsupported storage URL {redact(url)} (use sqlite:///… or postgresql://…)")
+    path = sqlite_path(url)
+    if scheme.startswith("sqlite"):
+        if path is None or not path.is_file():
+            raise NotThereYet(f"no Optuna storage at {path or url}: run a study first, or give --storage")
+        check_sqlite_store(url, "Optuna storage")
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+        try:
+            has_studies = sqlalchemy.inspect(engine).has_table("studies")
+        finally:
+            engine.dispose()
+        if not has_studies:
+            raise NotThereYet(f"{redact(url)} holds no Optuna storage (no studies table): run a study first")
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True,
+                                          heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+    except MnistTuneError:
+        raise
+    except Exception as e:  # unreachable server, bad credentials, missing driver, not a database
+        raise MnistTuneError(f"cannot open Optuna storage {redact(url)}: {first_line(e)}") from None
+
+
 def study_names(storage) -> list[str]:
     return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 

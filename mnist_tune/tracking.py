@@ -76,6 +76,9 @@ def check_reachable(uri: str) -> None:
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise MnistTuneError(f"MLflow tracking server {redact(uri)} is unreachable: {reason}") from None
+        from mnist_tune.auth import check_credentials
+
+        check_credentials(uri)  # a wrong or missing login: one line now, not a 401 traceback later
     elif scheme.startswith("sqlite"):
         check_sqlite_store(uri, "MLflow store")
     elif scheme not in ("postgresql", "mysql", "databricks", "file", "") and "+" not in scheme:

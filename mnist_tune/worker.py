@@ -226,6 +226,7 @@ class Worker:
                                  best.number, run_id, step=len(trials), trials_complete=count.complete,
                                  trials_pruned=count.pruned, trials_failed=count.failed)
             self.record.promote(self.sweep.model, run_id, best.user_attrs.get(record.MODEL_URI_ATTR))
+            report_champion(self.tracker, run_id, self.data)
             if self.settings.plots:
                 self._log_plots()
         self.record.end("FINISHED")
@@ -314,3 +315,14 @@ def warm_up_model_logging(tracker: Tracker, model: str, data) -> None:
         tracker.models.warm_up_model_logging(build_model(model), input_example(data))
     except Exception as e:
         raise MnistTuneError(f"cannot save a {model} model with MLflow: {first_line(e)}") from e
+
+
+def report_champion(tracker: Tracker, run_id: str, data) -> None:
+    """Per-class precision/recall and the confusion matrix on the best trial's run, from its
+    logged model (as `mnist-tune evaluate` does), so the UI shows where the champion errs."""
+    from mnist_tune.report import classifier_report, log_report
+    from mnist_tune.tracking import load_model
+
+    if run_id:
+        model = load_model(f"runs:/{run_id}/model", tracker.uri)
+        log_report(tracker, run_id, classifier_report(model, data.test_x.cpu(), data.test_y.cpu()))

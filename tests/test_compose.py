@@ -2,13 +2,17 @@
 
 Two kinds of checks:
   * static: docker/compose.yaml parsed as YAML (the services, scaling, exec-form commands,
-    the password only ever interpolated from docker/.env, which git ignores), the Dockerfile
-    (no credentials, no .env copied, copies what `pip install .` needs), .env.example.
+    the database password only ever interpolated from docker/.env, the MLflow secrets only
+    ever files under docker/secrets/, both git-ignored), the Dockerfile (no credentials, no
+    .env copied, copies what `pip install .` needs), .env.example, mlflow-auth.ini.
   * end to end: the compose services' own command lines and environments, interpolated and
-    with the compose host names rewritten to local ones, run as local processes against the
-    local PostgreSQL (databases made by docker/postgres-init.sql, renamed to fresh ones):
-    the mlflow service's server, the data service's fetch, the worker's study with a small
-    budget; then both stores must hold the same two finished trials under one parent run.
+    with the compose host names, secrets and volumes rewritten to local ones, run as local
+    processes against the local PostgreSQL (databases made by docker/postgres-init.sql,
+    renamed to fresh ones): the mlflow service's basic-auth server, the mlflow-users account
+    set-up, the data service's fetch, the worker's study with a small budget (logged in as the
+    workers' account); then both stores must hold the same two finished trials under one
+    parent run, and the dashboard service must serve them. Another test starts the dashboard
+    service before its study exists.
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import PG_ADMIN_URL, REPO, drop_database, free_port, stop_process, wait_for_http
+from helpers import REPO, drop_database, free_port, stop_process, wait_for_http
+from helpers import pg_admin_url as admin_url
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -36,9 +44,12 @@ COMPOSE_GPU = DOCKER / "compose.gpu.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
 ENV_EXAMPLE = DOCKER / ".env.example"
 INIT_SQL = DOCKER / "postgres-init.sql"
+AUTH_INI = DOCKER / "mlflow-auth.ini"
 DOCKERIGNORE = REPO / ".dockerignore"
 
-APP_SERVICES = ("mlflow", "data", "worker")  # the services built from our Dockerfile
+APP_SERVICES = ("mlflow", "mlflow-users", "data", "worker", "dashboard")  # built from our Dockerfile
+AUTH_EXEC = ["python", "-m", "mnist_tune.auth", "exec"]  # NAME_FILE secrets -> NAME, then the program
+MLFLOW_SECRETS = ("mlflow_admin_password", "mlflow_flask_secret", "mlflow_worker_password")
 
 
 # ------------------------------------------------------------------ compose interpolation
@@ -162,18 +173,41 @@ def volume_targets(service: dict) -> dict[str, str]:
     return targets
 
 
+def local_argv(service: dict) -> list[str]:
+    """A service's entrypoint + command as a local command line: the image's programs
+    (python, mlflow, mnist-tune) as this interpreter and its modules."""
+    programs = {"python": [sys.executable], "mlflow": [sys.executable, "-m", "mlflow"],
+                "mnist-tune": [sys.executable, "-m", "mnist_tune"]}
+    argv = [*service.get("entrypoint", ["mnist-tune"]), *service.get("command", [])]
+    out = []
+    for i, arg in enumerate(argv):
+        # a program: the first word, or the one `mnist_tune.auth exec` runs
+        is_program = i == 0 or (argv[:i] == AUTH_EXEC and arg in programs)
+        out += programs[arg] if is_program and arg in programs else [arg]
+    return out
+
+
+def read_ini(path: Path) -> dict[str, str]:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    return dict(parser["mlflow"])
+
+
 # --------------------------------------------------------------------------- static checks
 
 
 def test_compose_services_and_scaling():
     compose = load()
     services = compose["services"]
-    assert {"postgres", "mlflow", "data", "worker"} <= set(services)
+    assert {"postgres", "mlflow", "mlflow-users", "data", "worker", "dashboard"} <= set(services)
 
     worker = services["worker"]
     assert "container_name" not in worker and "ports" not in worker, "worker must be scalable (--scale worker=N)"
     assert worker["depends_on"] == {"mlflow": {"condition": "service_healthy"},
                                     "postgres": {"condition": "service_healthy"},
+                                    "mlflow-users": {"condition": "service_completed_successfully"},
                                     "data": {"condition": "service_completed_successfully"}}
     env = env_dict(worker["environment"])
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -181,14 +215,19 @@ def test_compose_services_and_scaling():
         "@postgres:5432/optuna")
     assert env["MNIST_TUNE_DATA"] == "/data"
     assert worker["command"][:2] == ["study", "--model"]
+    # The worker logs in to MLflow as the workers' account, its password from a secret file.
+    assert worker["entrypoint"] == [*AUTH_EXEC, "mnist-tune"]
+    assert env["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_WORKER_USER:-worker}"
+    assert env["MLFLOW_TRACKING_PASSWORD_FILE"] == "/run/secrets/mlflow_worker_password"
+    assert worker["secrets"] == ["mlflow_worker_password"]
 
     # One image for the three app services, built from our Dockerfile with the repo as context.
     for name in APP_SERVICES:
         build = services[name]["build"]
         assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
         assert services[name]["image"] == services["worker"]["image"]
-    assert services["mlflow"]["entrypoint"] == ["mlflow"]
-    assert "entrypoint" not in services["worker"] and "entrypoint" not in services["data"]  # ENTRYPOINT mnist-tune
+    assert services["mlflow"]["entrypoint"] == [*AUTH_EXEC, "mlflow"]
+    assert "entrypoint" not in services["data"]  # the image's ENTRYPOINT mnist-tune
 
     # Exec form everywhere (no shell), and healthchecks as CMD lists.
     for name, service in services.items():
@@ -211,6 +250,44 @@ def test_compose_services_and_scaling():
     assert option(args, "--backend-store-uri").endswith("@postgres:5432/mlflow")
     assert "http://localhost:5000/health" in " ".join(mlflow["healthcheck"]["test"])
     assert volume_targets(mlflow)[option(args, "--artifacts-destination")] in compose["volumes"]
+
+    # mlflow: basic auth, configured by a committed ini with no secret in it; the admin
+    # password and the Flask secret come from secret files.
+    assert option(args, "--app-name") == "basic-auth"
+    mlflow_env = env_dict(mlflow["environment"])
+    assert (COMPOSE.parent / volume_targets(mlflow)[mlflow_env["MLFLOW_AUTH_CONFIG_PATH"]]).resolve() == AUTH_INI
+    assert mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"] == "/run/secrets/mlflow_admin_password"
+    assert mlflow_env["MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"] == "/run/secrets/mlflow_flask_secret"
+    assert mlflow["secrets"] == ["mlflow_admin_password", "mlflow_flask_secret"]
+    ini = read_ini(AUTH_INI)
+    assert "admin_password" not in ini and ini["admin_username"] == "admin"
+    assert ini["default_permission"] == "NO_PERMISSIONS"  # an account sees what it owns or is granted
+    auth_db = ini["database_uri"][len("sqlite:///"):]
+    assert ini["database_uri"].startswith("sqlite:////")
+    assert volume_targets(mlflow)[str(Path(auth_db).parent)] in compose["volumes"], "users must survive a restart"
+
+    # mlflow-users: one-shot, as admin, makes the workers' account with the workers' secret.
+    users = services["mlflow-users"]
+    assert users["entrypoint"] == ["python", "-m", "mnist_tune.auth"]
+    assert users["command"][0] == "ensure-user"
+    assert option(users["command"], "--username") == env["MLFLOW_TRACKING_USERNAME"]
+    assert option(users["command"], "--password-file") == env["MLFLOW_TRACKING_PASSWORD_FILE"]
+    users_env = env_dict(users["environment"])
+    assert users_env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_USERNAME": ini["admin_username"],
+                         "MLFLOW_TRACKING_PASSWORD_FILE": "/run/secrets/mlflow_admin_password"}
+    assert sorted(users["secrets"]) == ["mlflow_admin_password", "mlflow_worker_password"]
+    assert users["depends_on"] == {"mlflow": {"condition": "service_healthy"}} and users["restart"] == "no"
+
+    # dashboard: the worker's storage URL, the study the workers run, loopback only.
+    dashboard = services["dashboard"]
+    assert dashboard["entrypoint"] == ["python", "-m", "mnist_tune.dashboard"]
+    assert env_dict(dashboard["environment"]) == {"MNIST_TUNE_STORAGE": env["MNIST_TUNE_STORAGE"]}
+    assert option(dashboard["command"], "--study") == option(worker["command"], "--study-name")
+    assert option(dashboard["command"], "--host") == "0.0.0.0"
+    assert dashboard["ports"] == [f"127.0.0.1:{option(dashboard['command'], '--port')}:"
+                                  f"{option(dashboard['command'], '--port')}"]
+    assert float(option(dashboard["command"], "--wait")) >= 300  # started with the workers
+    assert dashboard["depends_on"] == {"postgres": {"condition": "service_healthy"}}
 
     # data and worker share the MNIST volume; the worker only reads it.
     data = services["data"]
@@ -253,7 +330,11 @@ def test_password_only_interpolated():
         def keyed(tree):
             if isinstance(tree, dict):
                 for k, v in tree.items():
-                    if re.search("PASSWORD|SECRET|TOKEN", str(k), re.I):
+                    if str(k) == "secrets":
+                        continue  # compose secrets: names of files (test_mlflow_secrets_are_files)
+                    if str(k).endswith("_FILE"):  # NAME_FILE: a path to a mounted secret, never a value
+                        assert re.fullmatch(r"/run/secrets/\w+", v), f"{path.name}: {k}: {v!r}"
+                    elif re.search("PASSWORD|SECRET|TOKEN", str(k), re.I):
                         assert isinstance(v, str) and re.fullmatch(r"\$\{[A-Z_]+(:?[-?][^}]*)?\}", v), \
                             f"{path.name}: {k} must be set by interpolation, not {v!r}"
                     keyed(v)
@@ -262,13 +343,15 @@ def test_password_only_interpolated():
                     keyed(v)
 
         keyed(compose)
+        assert "password1234" not in text, "never MLflow's old default admin password"
 
     # The password reaches exactly the places that interpolate it, nowhere else.
     compose = load()
     sentinel = "sentinel" + secrets.token_hex(8)
     resolved = json.dumps(interpolate(compose, {"POSTGRES_PASSWORD": sentinel}))
     interpolations = sum(s.count("${POSTGRES_PASSWORD") for s in strings(compose))
-    assert resolved.count(sentinel) == interpolations == 3  # postgres env, mlflow backend, worker storage
+    # postgres env, mlflow backend, worker storage, dashboard storage
+    assert resolved.count(sentinel) == interpolations == 4
 
     # Without a password the file does not interpolate at all (the :? guard).
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
@@ -292,6 +375,35 @@ def test_env_example_and_gitignore():
     assert git("check-ignore", "-q", "docker/.env").returncode == 0, "docker/.env must be git-ignored"
     assert git("check-ignore", "-q", "docker/.env.example").returncode == 1, ".env.example must be committable"
     assert git("ls-files", "--", "docker/.env").stdout == "", "docker/.env is tracked"
+
+
+def test_mlflow_secrets_are_files():
+    """The MLflow secrets are compose secrets: files under docker/secrets/ that git ignores,
+    mounted only into the services that read them, named there by NAME_FILE variables."""
+    compose = load()
+    assert set(compose["secrets"]) == set(MLFLOW_SECRETS)
+    for name, spec in compose["secrets"].items():
+        assert spec == {"file": f"./secrets/{name}"}
+        relative = f"docker/secrets/{name}"
+        ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", relative])
+        assert ignored.returncode == 0, f"{relative} must be git-ignored"
+        assert subprocess.run(["git", "-C", str(REPO), "ls-files", "--", relative], capture_output=True,
+                              text=True).stdout == ""
+    # Not in the image: the Dockerfile copies named paths only, none of them docker/ or the
+    # whole context (.dockerignore, not this project's to change here, does not list them).
+    for word, args in _dockerfile_instructions():
+        if word in ("COPY", "ADD"):
+            sources = [p for p in shlex.split(args) if not p.startswith("--")][:-1]
+            assert not any(src in (".", "./") or src.startswith(("docker", "./docker")) for src in sources), args
+
+    # Each service mounts exactly the secrets its NAME_FILE variables and arguments name.
+    for name, service in compose["services"].items():
+        named = {v.rsplit("/", 1)[1] for k, v in env_dict(service.get("environment")).items() if k.endswith("_FILE")}
+        named |= {a.rsplit("/", 1)[1] for a in service.get("command", []) if a.startswith("/run/secrets/")}
+        assert set(service.get("secrets", [])) == named, name
+        if named:  # and something turns the files into the variables MLflow reads
+            argv = [*service["entrypoint"], *service.get("command", [])]
+            assert argv[:3] == ["python", "-m", "mnist_tune.auth"], name
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -388,7 +500,7 @@ def init_sql_databases() -> list[str]:
 
 
 @pytest.fixture
-def init_databases():
+def init_databases(pg_admin_url):
     """docker/postgres-init.sql run on the local server, its databases renamed to fresh ones
     (CREATE DATABASE is cluster-wide); yields {compose name: admin URL}; drops them after."""
     import psycopg
@@ -398,10 +510,10 @@ def init_databases():
     renamed = {name: f"mnist_tune_test_compose_{name}_{suffix}" for name in init_sql_databases()}
     for name, fresh in renamed.items():
         sql = re.sub(rf"\b{name}\b(?=\s*;)", fresh, sql)
-    urls = {name: PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + fresh for name, fresh in renamed.items()}
+    urls = {name: pg_admin_url.rsplit("/", 1)[0] + "/" + fresh for name, fresh in renamed.items()}
     try:
         # autocommit: CREATE DATABASE cannot run in a transaction block
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=5, autocommit=True) as conn, conn.cursor() as cur:
+        with psycopg.connect(pg_admin_url, connect_timeout=5, autocommit=True) as conn, conn.cursor() as cur:
             for statement in re.sub(r"--[^\n]*", "", sql).split(";"):
                 if statement.strip():
                     cur.execute(statement)
@@ -413,9 +525,159 @@ def init_databases():
             drop_database(url)  # IF EXISTS: also after a half-run script
 
 
+class Local:
+    """Compose names -> local ones, for running services' command lines as local processes:
+    host names -> the local servers (fresh databases), named volumes -> folders, secrets ->
+    files, the mounted mlflow-auth.ini -> a copy whose paths are made local the same way."""
+
+    def __init__(self, tmp_path: Path, compose: dict, databases: dict[str, str], mnist_dir: Path | None = None,
+                 server_url: str | None = None):
+        pg = urllib.parse.urlsplit(admin_url())
+        self.pg_hostport = f"{pg.hostname}:{pg.port or 5432}"
+        self.databases, self.server_url, self.tmp = databases, server_url, tmp_path
+        self.volumes = {name: tmp_path / "volumes" / name for name in compose.get("volumes", {})}
+        if mnist_dir is not None:
+            self.volumes["mnist"] = mnist_dir
+        for folder in self.volumes.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        self.secret_values = {name: f"{name}-" + secrets.token_urlsafe(18) for name in compose.get("secrets", {})}
+        (tmp_path / "secrets").mkdir(mode=0o700, exist_ok=True)
+        self.secret_files = {}
+        for name, value in self.secret_values.items():
+            path = tmp_path / "secrets" / name
+            path.write_text(value + "\n")
+            path.chmod(0o600)
+            self.secret_files[f"/run/secrets/{name}"] = str(path)
+
+    def mounts(self, service: dict) -> dict[str, str]:
+        """container path -> local path, for this service's volumes."""
+        found = {}
+        for target, source in volume_targets(service).items():
+            if source in self.volumes:
+                found[target] = str(self.volumes[source])
+            else:  # a bind mount of a file in docker/: ini files get their paths made local too
+                local = (COMPOSE.parent / source).resolve()
+                if local.suffix == ".ini":
+                    copy = self.tmp / local.name
+                    copy.write_text(self.value(local.read_text(), service, files=False))
+                    local = copy
+                found[target] = str(local)
+        return found
+
+    def value(self, value: str, service: dict, files: bool = True) -> str:
+        for name, url in self.databases.items():
+            value = value.replace(f"@postgres:5432/{name}", f"@{self.pg_hostport}/{url.rsplit('/', 1)[1]}")
+        if self.server_url:
+            value = value.replace("http://mlflow:5000", self.server_url)
+        value = self.secret_files.get(value, value)
+        mounts = self.mounts(service) if files else {t: str(self.volumes[s]) for t, s in volume_targets(service).items()
+                                                     if s in self.volumes}
+        for target, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+            if value == target or value.startswith(target + "/"):
+                value = local + value[len(target):]
+                break
+            value = value.replace(f"sqlite:///{target}/", f"sqlite:///{local}/")
+        assert "@postgres:5432" not in value and "://mlflow:5000" not in value, f"not rewritten: {value!r}"
+        return value
+
+    def argv(self, service: dict) -> list[str]:
+        return [self.value(a, service) for a in local_argv(service)]
+
+    def env(self, service: dict) -> dict[str, str]:
+        return {k: self.value(v, service) for k, v in env_dict(service.get("environment")).items()}
+
+
+def base_environment(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI_FILE", "MNIST_TUNE_STORAGE",
+                        "MNIST_TUNE_STORAGE_FILE", "MNIST_TUNE_DATA", "MNIST_TUNE_CHECKSUMS",
+                        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                        "MLFLOW_TRACKING_USERNAME_FILE", "MLFLOW_TRACKING_PASSWORD_FILE")}
+    env["MNIST_TUNE_HOME"] = str(tmp_path / "home")  # nothing may fall back to an embedded store
+    env["HOME"] = str(tmp_path / "user-home")  # no ~/.mlflow/credentials of the user's
+    return env
+
+
+class LineReader:
+    """A process's stdout lines, read in a thread (so a test can wait with a timeout)."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+
+        self.lines, self.seen = queue.Queue(), []
+
+        def pump():
+            for line in stream:
+                self.lines.put(line)
+                self.seen.append(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float) -> str:
+        import queue
+
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout} s") from None
+
+
+def start_dashboard(local: Local, service: dict, env: dict[str, str]):
+    """The dashboard service on a free loopback port; returns (process, its URL line reader, port)."""
+    port = free_port()
+    argv = replace_option(replace_option(local.argv(service), "--port", str(port)), "--host", "127.0.0.1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, **local.env(service)}, cwd=local.tmp, start_new_session=True)
+    return proc, LineReader(proc.stdout), port
+
+
+def stop_dashboard(proc) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        stop_process(proc)
+        raise AssertionError("the dashboard service did not stop on SIGTERM")
+    return proc.returncode, proc.stderr.read()
+
+
+@pytest.mark.postgres
+def test_compose_dashboard_runs_locally(tmp_path, init_databases):
+    """The dashboard service's command, started before the workers have made the study (or
+    even Optuna's tables), serves the study once it appears; it never prints the password."""
+    import optuna
+
+    password = "pw-" + secrets.token_urlsafe(18)
+    study = f"compose-dash-{secrets.token_hex(4)}"
+    compose = load()
+    services = interpolate(compose["services"], {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": password,
+                                                 "STUDY": study})
+    local = Local(tmp_path, compose, init_databases)
+    proc, out, port = start_dashboard(local, services["dashboard"], base_environment(tmp_path))
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, proc.stderr.read()  # waiting (--wait), not refusing
+        storage = local.env(services["dashboard"])["MNIST_TUNE_STORAGE"]
+        created = optuna.create_study(study_name=study, storage=storage, direction="maximize")
+        created.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        line = out.next(timeout=60)
+        assert line.startswith(f"optuna-dashboard for study '{study}': http://127.0.0.1:{port}/dashboard/studies/")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as reply:
+            listed = json.loads(reply.read())["study_summaries"]
+        study_id = next(s["study_id"] for s in listed if s["study_name"] == study)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=30) as reply:
+            detail = json.loads(reply.read())
+        assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete"]
+    finally:
+        code, err = stop_dashboard(proc)
+    assert code == 0, err
+    assert password not in "".join(out.seen) + err
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases):
+def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases, monkeypatch):
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -424,61 +686,50 @@ def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases):
     # through without ever being checked by the server.
     password = "pw-" + secrets.token_urlsafe(18)
     study = f"compose-test-{secrets.token_hex(4)}"
-    services = interpolate(load()["services"], {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": password,
-                                                "STUDY": study})
+    compose = load()
+    services = interpolate(compose["services"], {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": password,
+                                                 "STUDY": study})
 
-    pg = urllib.parse.urlsplit(PG_ADMIN_URL)
-    pg_hostport = f"{pg.hostname}:{pg.port or 5432}"
+    pg = urllib.parse.urlsplit(admin_url())
     port = free_port()
     server_url = f"http://127.0.0.1:{port}"
-    artifacts = tmp_path / "mlartifacts"
+    local = Local(tmp_path, compose, init_databases, mnist_dir=real_mnist_dir, server_url=server_url)
+    artifacts = local.volumes["mlartifacts"]
+    all_secrets = [password, *local.secret_values.values()]
+    base_env = base_environment(tmp_path)
 
-    def localize(value: str) -> str:
-        """Compose host names -> the local servers and the fresh databases."""
-        for name, url in init_databases.items():
-            value = value.replace(f"@postgres:5432/{name}", f"@{pg_hostport}/{url.rsplit('/', 1)[1]}")
-        value = value.replace("http://mlflow:5000", server_url)
-        assert "postgres:5432" not in value and "mlflow:5000" not in value, f"not rewritten: {value!r}"
-        return value
-
-    def local_path(value: str) -> str:
-        return {"/data": str(real_mnist_dir), "/mlartifacts": str(artifacts)}.get(value, value)
-
-    base_env = {k: v for k, v in os.environ.items()
-                if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI_FILE", "MNIST_TUNE_STORAGE",
-                             "MNIST_TUNE_STORAGE_FILE", "MNIST_TUNE_DATA", "MNIST_TUNE_CHECKSUMS")}
-    base_env["MNIST_TUNE_HOME"] = str(tmp_path / "home")  # nothing may fall back to an embedded store
-
-    # ---- mlflow: the service's command line, port/host/paths made local
-    mlflow_args = list(services["mlflow"]["command"])
+    # ---- mlflow: the service's command line, port/host/paths/secrets made local
+    mlflow_service = services["mlflow"]
+    mlflow_args = local.argv(mlflow_service)
+    assert mlflow_args[:7] == [sys.executable, "-m", "mnist_tune.auth", "exec", sys.executable, "-m", "mlflow"]
     assert option(mlflow_args, "--port") == "5000"
     hosts_at = mlflow_args.index("--allowed-hosts") + 1
-    hosts = mlflow_args[hosts_at].replace(":5000", f":{port}")  # the Host header a local client sends
-    mlflow_args = [hosts if i == hosts_at else localize(local_path(a)) for i, a in enumerate(mlflow_args)]
+    mlflow_args[hosts_at] = mlflow_args[hosts_at].replace(":5000", f":{port}")  # the Host header a local client sends
     mlflow_args = replace_option(mlflow_args, "--port", str(port))
     mlflow_args = replace_option(mlflow_args, "--host", "127.0.0.1")  # not 0.0.0.0 on a test machine
     assert option(mlflow_args, "--artifacts-destination") == str(artifacts)
+    mlflow_env = local.env(mlflow_service)
+    assert read_ini(Path(mlflow_env["MLFLOW_AUTH_CONFIG_PATH"]))["database_uri"] == \
+        f"sqlite:///{local.volumes['mlauth']}/basic_auth.db"
     server_log = tmp_path / "mlflow-server.log"
     with open(server_log, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", *services["mlflow"]["entrypoint"], *mlflow_args],
-                                  stdout=log, stderr=subprocess.STDOUT, env=base_env, cwd=tmp_path,
-                                  start_new_session=True)
+        server = subprocess.Popen(mlflow_args, stdout=log, stderr=subprocess.STDOUT, env={**base_env, **mlflow_env},
+                                  cwd=tmp_path, start_new_session=True)
     try:
         # ---- data: runs while the server starts (compose starts them in parallel too)
-        data_args = [local_path(a) for a in services["data"]["command"]]
-        data = subprocess.run([sys.executable, "-m", "mnist_tune", *data_args], capture_output=True, text=True,
-                              env=base_env, cwd=tmp_path, timeout=120)
+        data_args = local.argv(services["data"])
+        data = subprocess.run(data_args, capture_output=True, text=True, env=base_env, cwd=tmp_path, timeout=120)
         assert data.returncode == 0, data.stdout + data.stderr
         assert Path(data.stdout.strip().splitlines()[-1]).is_relative_to(real_mnist_dir)
 
         try:
-            wait_for_http(server_url + "/health", timeout=90, proc=server)
+            wait_for_http(server_url + "/health", timeout=120, proc=server)
         except Exception:
             raise AssertionError(f"mlflow service did not come up:\n{server_log.read_text()[-3000:]}") from None
 
         # The services' healthcheck commands themselves, against the local servers.
         health = [sys.executable if a == "python" else a.replace("localhost:5000", f"localhost:{port}")
-                  for a in services["mlflow"]["healthcheck"]["test"][1:]]
+                  for a in mlflow_service["healthcheck"]["test"][1:]]
         assert subprocess.run(health, capture_output=True, timeout=30).returncode == 0
         if shutil.which("pg_isready"):
             check = list(services["postgres"]["healthcheck"]["test"][1:])
@@ -487,20 +738,39 @@ def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases):
             check = replace_option(check, "-p", str(pg.port or 5432))
             assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0
 
+        # ---- the server wants a login: none, MLflow's old default, or a wrong one are refused
+        for user, secret in ((None, None), ("admin", "password1234"), ("admin", "wrong-" + secrets.token_hex(6))):
+            login = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": secret} if user else {}
+            env = {**base_env, **login}
+            refused = subprocess.run([sys.executable, "-m", "mnist_tune.auth", "check", "--tracking-uri", server_url],
+                                     capture_output=True, text=True, env=env, timeout=60)
+            assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+            assert ("requires a login" if user is None else "rejected the login of user 'admin'") in refused.stderr
+
+        # ---- mlflow-users: the workers' account, made by the admin from the secret files
+        users = services["mlflow-users"]
+        made = subprocess.run(local.argv(users), capture_output=True, text=True, env={**base_env, **local.env(users)},
+                              cwd=tmp_path, timeout=120)
+        assert made.returncode == 0 and made.stdout.strip() == "user 'worker' created", made.stdout + made.stderr
+
         # ---- worker: its command and environment as written, the budget cut to 2 short trials
         worker = services["worker"]
-        worker_args = list(worker["command"])
+        worker_args = local.argv(worker)
+        assert worker_args[:7] == [sys.executable, "-m", "mnist_tune.auth", "exec", sys.executable, "-m", "mnist_tune"]
         assert option(worker_args, "--model") == "mlp" and option(worker_args, "--trials") == "40"
         assert option(worker_args, "--study-name") == study
         worker_args = replace_option(worker_args, "--trials", "2") + ["--epochs", "1", "--no-plots"]
-        worker_env = {k: localize(local_path(v)) for k, v in env_dict(worker["environment"]).items()}
+        worker_env = local.env(worker)
         assert password in worker_env["MNIST_TUNE_STORAGE"]
-        proc = subprocess.run([sys.executable, "-m", "mnist_tune", *worker_args], capture_output=True, text=True,
-                              env={**base_env, **worker_env}, cwd=tmp_path, timeout=240)
+        assert worker_env["MLFLOW_TRACKING_USERNAME"] == "worker"
+        proc = subprocess.run(worker_args, capture_output=True, text=True, env={**base_env, **worker_env},
+                              cwd=tmp_path, timeout=300)
         output = proc.stdout + proc.stderr
-        assert password not in output, "the worker printed the database password"
-        assert password not in data.stdout + data.stderr + server_log.read_text(), "a service logged the password"
-        assert proc.returncode == 0, output[-4000:]
+        logs = data.stdout + data.stderr + made.stdout + made.stderr + server_log.read_text()
+        for secret in all_secrets:
+            assert secret not in output, "the worker printed a secret"
+            assert secret not in logs, "a service logged a secret"
+        assert proc.returncode == 0, output[-3000:] + "\n--- server log:\n" + server_log.read_text()[-4000:]
 
         # ---- both stores: the same two finished trials, nested under one parent run
         trials = optuna.load_study(study_name=study, storage=worker_env["MNIST_TUNE_STORAGE"]).get_trials()
@@ -508,6 +778,8 @@ def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases):
         assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                    for t in trials), [t.state for t in trials]
 
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # the test reads MLflow as the admin
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", local.secret_values["mlflow_admin_password"])
         client = MlflowClient(server_url)
         experiment = client.get_experiment_by_name(study)
         assert experiment is not None, "no experiment named after the study"
@@ -520,9 +792,29 @@ def test_compose_services_run_locally(tmp_path, real_mnist_dir, init_databases):
         assert parent.data.tags.get("mnist_tune.role") == "study"
         assert parent.info.status == "FINISHED"  # the budget is spent: the worker closed the study
         assert {t.user_attrs.get("mlflow_run_id") for t in trials} == {r.info.run_id for r in runs}
+        recorded = repr([(r.data.params, r.data.tags, r.data.metrics) for r in [*runs, parent]])
+        recorded += repr([(t.params, t.user_attrs, t.system_attrs) for t in trials])
+        for secret in all_secrets:
+            assert secret not in recorded, "a secret was recorded in a store"
+
+        # ---- dashboard: the service's command serves the study's two trials
+        dash, out, dash_port = start_dashboard(local, services["dashboard"], base_env)
+        try:
+            assert f"http://127.0.0.1:{dash_port}/dashboard/studies/" in out.next(timeout=90)
+            with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/studies", timeout=30) as reply:
+                listed = {s["study_name"]: s for s in json.loads(reply.read())["study_summaries"]}
+            with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/studies/{listed[study]['study_id']}",
+                                        timeout=30) as reply:
+                assert len(json.loads(reply.read())["trials"]) == 2
+        finally:
+            code, err = stop_dashboard(dash)
+        assert code == 0, err
     finally:
         stop_process(server)
 
     # Artifacts (the logged models) went to the server's --artifacts-destination: served by
     # it, so workers on other hosts need no shared filesystem.
     assert len(list(artifacts.rglob("MLmodel"))) >= 2, "the trials' models did not reach the artifacts destination"
+    assert (local.volumes["mlauth"] / "basic_auth.db").is_file(), "users live on the mlauth volume"
+    for secret in all_secrets:
+        assert secret not in server_log.read_text()

@@ -115,6 +115,10 @@ def test_study_budget_is_total_and_runs_match(synthetic_env, tmp_path, tiny_swee
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best.value)
     champion = client.get_model_version_by_alias("mnist-mlp", "champion")
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    # the champion's classifier report: per-class metrics and the confusion matrix on its run
+    champion_run = client.get_run(champion.run_id)
+    assert {f"test_recall_{k}" for k in range(10)} <= set(champion_run.data.metrics)
+    assert "evaluation/confusion_matrix.png" in {a.path for a in client.list_artifacts(champion.run_id, "evaluation")}
 
 
 def test_changed_search_space_is_refused_untouched(synthetic_env, tmp_path, tiny_sweep):
