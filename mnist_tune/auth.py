@@ -45,9 +45,10 @@ LOGIN_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_T
 
 def resolve_secret_files(names: tuple[str, ...] = ALL_SECRETS, environ=None) -> list[str]:
     """For every ``NAME`` in ``names`` whose ``NAME_FILE`` is set, read that file into
-    ``NAME`` (one trailing newline dropped); returns the names set. Setting both ``NAME``
-    and ``NAME_FILE`` is refused (which one wins would be a guess), as is an unreadable or
-    empty file. The values are never printed."""
+    ``NAME`` (one trailing newline dropped) and drop ``NAME_FILE``, so a program started
+    from here sees the value once; returns the names set. Setting both ``NAME`` and
+    ``NAME_FILE`` is refused (which one wins would be a guess), as is an unreadable or empty
+    file. The values are never printed."""
     environ = os.environ if environ is None else environ
     resolved = []
     for name in names:
@@ -68,6 +69,7 @@ def resolve_secret_files(names: tuple[str, ...] = ALL_SECRETS, environ=None) -> 
         if "\n" in value:
             raise MnistTuneError(f"{name}_FILE {path} holds more than one line")
         environ[name] = value
+        del environ[f"{name}_FILE"]
         resolved.append(name)
     return resolved
 

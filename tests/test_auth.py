@@ -125,6 +125,7 @@ def test_resolve_secret_files(tmp_path):
            "MLFLOW_TRACKING_USERNAME": "worker"}
     assert resolve_secret_files(environ=env) == ["MLFLOW_TRACKING_PASSWORD"]
     assert env["MLFLOW_TRACKING_PASSWORD"] == "s3cret value "  # one newline dropped, nothing else
+    assert "MLFLOW_TRACKING_PASSWORD_FILE" not in env  # a program started from here sees it once
 
     crlf = tmp_path / "crlf"
     crlf.write_bytes(b"pw-windows\r\n")
@@ -265,14 +266,15 @@ def test_forbidden_is_one_line_and_grants_fix_it(auth_server, worker_account, mo
     # from the worker's own run, and the @champion alias moved to it.
     import torch
 
+    from mnist_tune import record
     from mnist_tune.tracking import Tracker
 
     tracker = Tracker(auth_server.url)
-    own_run = tracker.start_run(tracker.experiment("worker-models"), "champion")
+    study = record.StudyRecord.attach(tracker, "worker-models", "mlp", "fp", {})
+    own_run = study.start_trial(0, "mlp", "tpe")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    model_uri = tracker.log_model(own_run, model, torch.rand(4, 1, 28, 28).numpy())
-    version = tracker.promote_champion("mnist-mlp", model_uri, own_run)
-    assert client.get_model_version_by_alias("mnist-mlp", "champion").version == version
+    study.promote("mlp", own_run, tracker.models.log_model(own_run, model, torch.rand(4, 1, 28, 28).numpy()))
+    assert client.get_model_version_by_alias("mnist-mlp", "champion").run_id == own_run
     with pytest.raises(MlflowException, match="403"):  # still no user administration
         from mlflow.server.auth.client import AuthServiceClient
 
