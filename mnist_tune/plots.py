@@ -423,8 +423,12 @@ def plot_lr_batch(data: _StudyData):
                 pos = [labels.index(_fmt(v)) for v in raw[p]]
                 getattr(ax, f"set_{which}ticks")(range(len(labels)), labels)
                 return pos
-            if a["scale"] == "log":
+            if a["scale"] == "log":  # the readable decade ticks, no crowded minor labels
+                from matplotlib.ticker import NullFormatter
+
                 getattr(ax, f"set_{which}scale")("log")
+                getattr(ax, f"set_{which}ticks")([float(t) for t in a["labels"]], a["labels"])
+                getattr(ax, f"{which}axis").set_minor_formatter(NullFormatter())
             return raw[p]
 
         sc = dict(c=values, cmap="viridis", vmin=low, vmax=high, s=30, edgecolors="white", linewidths=0.5)
