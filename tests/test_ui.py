@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.ui import SHARED_VIEW_TAG, serve, study_links
 
-from helpers import free_port
+from helpers import free_port, run_cli
 
 
 def make_store(folder, study="tiny", trials=((0.003, 50, 0.91), (0.001, 100, 0.95), (1e-6, 50, 0.10),
@@ -193,3 +193,27 @@ def test_serve_starts_prints_links_and_leaves_nothing_behind(tmp_path, signum):
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def mlflow_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines() if "mlflow" in line and "ps -eo" not in line}
+
+
+def test_cli_on_a_busy_port_or_a_missing_store_is_one_line_and_leaves_nothing(tmp_path, synthetic_env):
+    """`mnist-tune ui` itself: exit 2 within 5 s, one line, no process left (ps before/after),
+    nothing created."""
+    uri, *_ = make_store(tmp_path / "store")
+    before = mlflow_processes()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        proc = run_cli("ui", "--port", taken.getsockname()[1], "--tracking-uri", uri, env=synthetic_env, check=False)
+        assert time.monotonic() - started < 5
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "already in use" in proc.stderr
+    files = listing(tmp_path)
+    proc = run_cli("ui", "--port", free_port(), env=synthetic_env, check=False)  # no ./mlruns here
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no MLflow store at" in proc.stderr
+    assert listing(tmp_path) == files
+    assert mlflow_processes() <= before
