@@ -131,14 +131,6 @@ class Tracker:
         except MlflowException:  # another worker created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
-    @_timed
-    def find_experiment(self, name: str) -> str | None:
-        found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found else None
-
-    def experiment_names(self) -> list[str]:
-        return sorted(e.name for e in self.client.search_experiments())
-
     # -------------------------------------------------------------------------- runs
 
     @_timed

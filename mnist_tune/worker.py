@@ -128,10 +128,11 @@ class Worker:
     def open(self) -> None:
         self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
         study_id = self.storage.get_study_id_from_name(self.name)
-        for trial in dead_local_trials(self.study):  # no grace period to wait out for these
+        dead = dead_local_trials(self.study)  # no grace period to wait out for these
+        for trial in dead:
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                self._on_stale_trial(self.study, trial)
+                self._on_stale_trial(self.study, trial)  # its run is closed once the record is attached
         live = live_trials(self.storage, self.study)
         if live and sqlite_path(resolve_storage(self.settings.storage)):
             where = live[0].user_attrs.get(WORKER_ATTR, "another process")
@@ -151,16 +152,22 @@ class Worker:
             self.study.user_attrs.get(record.PARENT_ATTR))
         self.study.set_user_attr(record.PARENT_ATTR, self.record.parent_run_id)
         self.study.set_user_attr(record.EXPERIMENT_ATTR, self.record.experiment_id)
+        for trial in dead:
+            self._close_dead_run(trial)
         self.record.reconcile({t.number: t.state.name for t in self.study.get_trials(deepcopy=False)})
         self.objective = Objective(self)
 
     def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The trial's worker died: close its run, then queue a retry."""
-        if trial.user_attrs.get(record.RUN_ATTR) and self.record is not None:
-            self.record.close_stale(trial.user_attrs[record.RUN_ATTR],
-                                    f"worker stopped sending heartbeats (trial {trial.number})")
+        if self.record is not None:
+            self._close_dead_run(trial)
         self.log(f"trial {trial.number}: its worker died; marked FAIL and queued for retry")
         self.retry(study, trial)
+
+    def _close_dead_run(self, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get(record.RUN_ATTR):
+            self.record.close_stale(trial.user_attrs[record.RUN_ATTR],
+                                    f"worker stopped sending heartbeats (trial {trial.number})")
 
     # ---- the loop -----------------------------------------------------------------------
 
