@@ -195,16 +195,17 @@ def test_serve_starts_prints_links_and_leaves_nothing_behind(tmp_path, signum):
         s.bind(("127.0.0.1", port))
 
 
-def mlflow_processes() -> set[int]:
+def mlflow_processes(store) -> set[int]:
+    """MLflow processes serving anything under ``store`` (others' servers may run beside)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines() if "mlflow" in line and "ps -eo" not in line}
+    return {int(line.split()[0]) for line in out.splitlines() if "mlflow" in line and str(store) in line}
 
 
 def test_cli_on_a_busy_port_or_a_missing_store_is_one_line_and_leaves_nothing(tmp_path, synthetic_env):
     """`mnist-tune ui` itself: exit 2 within 5 s, one line, no process left (ps before/after),
     nothing created."""
     uri, *_ = make_store(tmp_path / "store")
-    before = mlflow_processes()
+    before = mlflow_processes(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -216,4 +217,4 @@ def test_cli_on_a_busy_port_or_a_missing_store_is_one_line_and_leaves_nothing(tm
     proc = run_cli("ui", "--port", free_port(), env=synthetic_env, check=False)  # no ./mlruns here
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no MLflow store at" in proc.stderr
     assert listing(tmp_path) == files
-    assert mlflow_processes() <= before
+    assert mlflow_processes(tmp_path) <= before
