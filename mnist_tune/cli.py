@@ -265,6 +265,7 @@ def evaluate(run_id, model_uri, fmt, log_to_run, data_dir, tracking_uri):
     import json
 
     from mnist_tune.data import load_test_split
+    from mnist_tune.record import MODEL_URI_ATTR
     from mnist_tune.report import classifier_report, format_report, log_report
     from mnist_tune.tracking import Tracker, load_model
 
@@ -275,7 +276,7 @@ def evaluate(run_id, model_uri, fmt, log_to_run, data_dir, tracking_uri):
     if run_id and log_to_run:
         log_report(tracker, run_id, report)
     if fmt == "json":
-        click.echo(json.dumps({"model_uri": uri, "run_id": run_id, "logged_test_acc": logged, **report}, indent=2))
+        click.echo(json.dumps({MODEL_URI_ATTR: uri, "run_id": run_id, "logged_test_acc": logged, **report}, indent=2))
         return
     click.echo(f"{uri}: test_acc {report['accuracy']:.4f}" + (f" (logged {logged:.4f})" if logged is not None else ""))
     click.echo(format_report(report))

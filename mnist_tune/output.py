@@ -11,6 +11,8 @@ import io
 import json
 import math
 
+from mnist_tune.record import MODEL_URI_ATTR
+
 FORMATS = ("table", "json", "csv")
 
 
@@ -68,7 +70,7 @@ def columns(rows: list[dict], names: list[str], formats: dict | None = None, gap
 def best_table(best: dict) -> str:
     lines = [f"study {best['study']}: best trial {best['trial']}", f"  {best['metric']:<10} {best['value']:.4f}",
              f"  test_acc   {best['test_acc']:.4f}" if best["test_acc"] is not None else "  test_acc   -",
-             f"  run_id     {best['run_id']}", f"  model      {best['model_uri']}"]
+             f"  run_id     {best['run_id']}", f"  model      {best[MODEL_URI_ATTR]}"]
     return "\n".join(lines + [f"  {key:<10} {value}" for key, value in best["params"].items()])
 
 

@@ -326,7 +326,7 @@ def best_record(study: optuna.Study) -> dict:
     run_id = trial.user_attrs.get(record.RUN_ATTR)
     return {"study": study.study_name, "trial": trial.number, "metric": study_metric(study), "value": trial.value,
             "test_acc": trial.user_attrs.get(record.TEST_ACC_ATTR), "run_id": run_id,
-            "model_uri": f"runs:/{run_id}/model", "params": trial.params}
+            record.MODEL_URI_ATTR: f"runs:/{run_id}/model", "params": trial.params}
 
 
 def status_record(storage, name: str) -> dict:

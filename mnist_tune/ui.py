@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.record import ROLE, STUDY
 from mnist_tune.stores import redact, resolve_tracking_uri, sqlite_path
 
 # The runs table's saved view: parent expanded to its trials, these columns visible.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
-ROLE, STUDY, TRIAL = "mnist_tune.role", "mnist_tune.study", "mnist_tune.trial"
 HIDDEN_PARAMS = {"device", "parameters", "seed"}  # differ between trials but are not searched
 COMPARE_TOP = 3
 
