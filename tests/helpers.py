@@ -297,3 +297,18 @@ def drop_database(url: str, admin_url: str | None = None) -> None:
     admin_db = urllib.parse.urlsplit(admin_url or pg_admin_url()).path.lstrip("/") or "postgres"
     with psycopg.connect(admin_url or with_database(url, admin_db), connect_timeout=5, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start_ui(tracking_uri: str, port: int, env=None) -> tuple[subprocess.Popen, str]:
+    """``mnist_tune.ui.serve`` in its own process session, as `mnist-tune ui` runs it; returns
+    the process and what it printed up to its last link (the caller stops it)."""
+    code = f"from mnist_tune.ui import serve; raise SystemExit(serve({tracking_uri!r}, '127.0.0.1', {port}))"
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("  compare top"):
+            break
+    return proc, "".join(lines)
+

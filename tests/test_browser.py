@@ -12,12 +12,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port, make_synthetic_mnist, run_cli
+from helpers import free_port, make_synthetic_mnist, run_cli, start_ui
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(__file__).parent / "screenshots"
@@ -76,17 +75,8 @@ def study_store(tmp_path_factory):
 def ui(study_store):
     """`serve()` in a subprocess, as `mnist-tune ui` runs it; its printed links."""
     port = free_port()
-    code = (f"from mnist_tune.ui import serve; "
-            f"raise SystemExit(serve({study_store['tracking']!r}, '127.0.0.1', {port}))")
-    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=study_store["env"], start_new_session=True)
-    lines = []
+    proc, text = start_ui(study_store["tracking"], port, env=study_store["env"])
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  compare top"):
-                break
-        text = "".join(lines)
         assert "compare top 3" in text, text
         links = dict(re.findall(r"^\s+(runs|params \+ scores|charts|study plots|compare top 3):\s+(\S+)", text, re.M))
         yield {"url": f"http://127.0.0.1:{port}", "links": links, "text": text}

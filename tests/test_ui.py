@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.ui import SHARED_VIEW_TAG, serve, study_links
 
-from helpers import free_port, run_cli
+from helpers import free_port, run_cli, start_ui
 
 
 def make_store(folder, study="tiny", trials=((0.003, 50, 0.91), (0.001, 100, 0.95), (1e-6, 50, 0.10),
@@ -153,18 +153,10 @@ def test_serve_starts_prints_links_and_leaves_nothing_behind(tmp_path, signum):
     port = free_port()
     marker = f"--port {port}"
     assert processes_mentioning(marker) == []
-    code = f"from mnist_tune.ui import serve; raise SystemExit(serve({uri!r}, '127.0.0.1', {port}))"
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
-    lines = []
+    proc, text = start_ui(uri, port)
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  compare top"):
-                break
         ready = time.monotonic() - started
-        text = "".join(lines)
         assert "ready in" in text, text
         assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning" in text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
@@ -195,17 +187,11 @@ def test_serve_starts_prints_links_and_leaves_nothing_behind(tmp_path, signum):
         s.bind(("127.0.0.1", port))
 
 
-def mlflow_processes(store) -> set[int]:
-    """MLflow processes serving anything under ``store`` (others' servers may run beside)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines() if "mlflow" in line and str(store) in line}
-
-
 def test_cli_on_a_busy_port_or_a_missing_store_is_one_line_and_leaves_nothing(tmp_path, synthetic_env):
     """`mnist-tune ui` itself: exit 2 within 5 s, one line, no process left (ps before/after),
     nothing created."""
     uri, *_ = make_store(tmp_path / "store")
-    before = mlflow_processes(tmp_path)
+    assert processes_mentioning(str(tmp_path)) == []
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -217,4 +203,4 @@ def test_cli_on_a_busy_port_or_a_missing_store_is_one_line_and_leaves_nothing(tm
     proc = run_cli("ui", "--port", free_port(), env=synthetic_env, check=False)  # no ./mlruns here
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no MLflow store at" in proc.stderr
     assert listing(tmp_path) == files
-    assert mlflow_processes(tmp_path) <= before
+    assert processes_mentioning(str(tmp_path)) == []  # nothing started, nothing left
