@@ -148,7 +148,7 @@ def serve(storage_url: str | None, study_name: str, host: str = "127.0.0.1", por
           ready: Callable[[Dashboard], None] | None = None) -> None:
     """Serve optuna-dashboard for ``study_name`` until Ctrl-C / SIGTERM, then return.
 
-    ``storage_url``: None for the embedded store (``mnist_tune.study.default_storage()``).
+    ``storage_url``: None for the embedded store (``mnist_tune.stores.default_storage()``).
     Prints the study's URL through ``log`` once the port is bound. Raises MnistTuneError
     (one line, password redacted) for a missing store, an unknown study or a taken port."""
     dashboard = open_dashboard(storage_url, study_name, host, port, wait=wait, read_only=read_only)

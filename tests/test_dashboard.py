@@ -107,7 +107,7 @@ def test_dashboard_on_sqlite_in_process(tmp_path):
 
 
 def test_embedded_default_store(tmp_path, monkeypatch):
-    """No URL: the embedded store under $MNIST_TUNE_HOME (study.default_storage())."""
+    """No URL: the embedded store under $MNIST_TUNE_HOME (stores.default_storage())."""
     monkeypatch.setenv("MNIST_TUNE_HOME", str(tmp_path / "home"))
     with pytest.raises(MnistTuneError, match=r"no Optuna storage at .*home/optuna\.db: run a study first"):
         open_dashboard(None, "anything", port=0)
