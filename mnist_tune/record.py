@@ -28,6 +28,13 @@ RETRY_OF = "mnist_tune.retry_of_trial"
 KIND = "mnist_tune.kind"  # "train" for a lone `mnist-tune train` run
 FINGERPRINT = "mnist_tune.sweep_fingerprint"
 BEST_TRIAL, BEST_RUN_ID = "best_trial", "best_run_id"  # on the parent run
+DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
+# How to use a trial's model without this package (README "What lands in MLflow"; tested there).
+MODEL_CARD = ("Model: `runs:/<this run's id>/model` (a torch.export module). Reload with "
+              "`mlflow.pytorch.load_model(uri)` - no mnist_tune or einops needed. It takes images shaped "
+              "(N, 1, 28, 28) with pixels in [0, 1], any N, and normalises them itself. It is already in "
+              "inference mode (dropout off): do not call `.eval()` or `.train()` (torch.export modules raise "
+              "NotImplementedError); `.to(device)` works.")
 # Optuna user attributes that link the two stores
 PARENT_ATTR = "mlflow_parent_run_id"  # study -> its parent run
 EXPERIMENT_ATTR = "mlflow_experiment_id"
@@ -119,7 +126,8 @@ class StudyRecord:
     # ---- trials ---------------------------------------------------------------------
 
     def start_trial(self, number: int, model: str, sampler: str, retry_of: int | None = None) -> str:
-        tags = {ROLE: "trial", STUDY: self.study, TRIAL: number, MODEL: model, SAMPLER: sampler, STATE: "RUNNING"}
+        tags = {ROLE: "trial", STUDY: self.study, TRIAL: number, MODEL: model, SAMPLER: sampler, STATE: "RUNNING",
+                DESCRIPTION: MODEL_CARD}
         if retry_of is not None:
             tags[RETRY_OF] = retry_of
         return self.tracker.start_run(self.experiment_id, f"trial-{number}", self.parent_run_id, tags)

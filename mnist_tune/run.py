@@ -85,7 +85,8 @@ def train_run(tracker: Tracker, experiment: str, run_name: str, model_name: str,
               hp: TrainConfig, data: MNISTSplits, device: torch.device) -> tuple[str, RunOutcome]:
     """``mnist-tune train``: one run in ``experiment``, ended FINISHED, FAILED or KILLED."""
     run_id = tracker.start_run(tracker.experiment(experiment), run_name,
-                               tags={record.MODEL: model_name, record.KIND: "train"})
+                               tags={record.MODEL: model_name, record.KIND: "train",
+                                     record.DESCRIPTION: record.MODEL_CARD})
     try:
         # Ctrl-C/SIGTERM stop at the next step, never mid-write (stop.py)
         with stop.signals_deferred(), record.run_lifecycle(tracker, run_id):

@@ -65,6 +65,7 @@ def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "t
         assert run.info.run_name == f"trial-{t.number}"
         assert run.data.tags["mlflow.parentRunId"] == parent_id
         assert run.data.tags["mnist_tune.state"] == t.state.name
+        assert "do not call `.eval()`" in run.data.tags["mlflow.note.content"]  # the run's description
         assert run.info.status == STATUS_OF[t.state.name], (t.number, t.state, run.info.status)
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
         for name, value in t.params.items():
