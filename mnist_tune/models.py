@@ -26,6 +26,19 @@ def as_input(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.unsqueeze(1).float().div_(255)
 
 
+def eval_mode(model) -> bool:
+    """Put ``model`` in eval mode; return whether it was training (to restore it after).
+
+    A model reloaded from MLflow is a torch.export module, which is exported in eval mode and
+    raises NotImplementedError on ``.eval()`` / ``.train()``."""
+    was_training = bool(getattr(model, "training", False))
+    try:
+        model.eval()
+    except NotImplementedError:
+        return False
+    return was_training
+
+
 class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - MNIST_MEAN).mul_(1 / MNIST_STD)  # one new tensor per call, not two

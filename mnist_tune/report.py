@@ -23,22 +23,9 @@ from pathlib import Path
 
 import torch
 
-from mnist_tune.models import NUM_CLASSES
+from mnist_tune.models import NUM_CLASSES, eval_mode
 
 BATCH = 5000  # like train.evaluate: a handful of large batches, never one per image
-
-
-def _eval_mode(model) -> bool:
-    """Put ``model`` in eval mode; return whether it was training (to restore it after).
-
-    A model reloaded from MLflow is a torch.export module, which is exported in eval mode and
-    raises NotImplementedError on ``.eval()`` / ``.train()``."""
-    was_training = bool(getattr(model, "training", False))
-    try:
-        model.eval()
-    except NotImplementedError:
-        return False
-    return was_training
 
 
 def _as_batch(images: torch.Tensor) -> torch.Tensor:
@@ -52,7 +39,7 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
 
 def predict_labels(model, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
     """The predicted digit of every image (int64, on the images' device), in batches."""
-    was_training = _eval_mode(model)
+    was_training = eval_mode(model)
     try:
         out = []
         with torch.no_grad():

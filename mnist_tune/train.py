@@ -26,7 +26,7 @@ from torch import nn
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.mlp_step import ExplicitMLPStep
-from mnist_tune.models import as_input
+from mnist_tune.models import as_input, eval_mode
 from mnist_tune.optim import FlatAdamW, schedule_table
 from mnist_tune.steps import EagerSteps, GraphedSteps
 from mnist_tune.stop import raise_if_requested
@@ -108,11 +108,7 @@ def seed_everything(seed: int) -> None:
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a split, in large batches."""
-    was_training = model.training
-    try:
-        model.eval()
-    except NotImplementedError:  # a reloaded torch.export module: exported in eval mode already
-        was_training = False
+    was_training = eval_mode(model)
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     for start in range(0, len(images), EVAL_BATCH):
