@@ -28,7 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.stores import first_line
-from mnist_tune.study import NotThereYet, open_existing_storage
+from mnist_tune.study import NotThereYet, check_study_exists, open_existing_storage
 
 DEFAULT_PORT = 8080  # optuna-dashboard's own default; MLflow's UI has 5000
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -42,15 +42,15 @@ def find_study(storage, study_name: str, wait: float = 0.0) -> int:
     deadline = time.monotonic() + wait
     while True:
         try:
-            studies = storage.get_all_studies()
+            check_study_exists(storage, study_name)
+            return storage.get_study_id_from_name(study_name)
+        except NotThereYet:
+            if time.monotonic() >= deadline:
+                raise
+        except MnistTuneError:
+            raise
         except Exception as e:
             raise MnistTuneError(f"cannot read the studies: {first_line(e)}") from None
-        for study in studies:
-            if study.study_name == study_name:
-                return study._study_id
-        if time.monotonic() >= deadline:
-            names = ", ".join(sorted(s.study_name for s in studies)) or "(none)"
-            raise NotThereYet(f"no study named {study_name!r} in this storage; studies: {names}")
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 

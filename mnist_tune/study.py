@@ -143,11 +143,15 @@ def study_names(storage) -> list[str]:
     return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
-def load_existing_study(storage, name: str) -> optuna.Study:
-    """Load a study by name; an unknown name is an error listing the studies there are."""
+def check_study_exists(storage, name: str) -> None:
+    """An unknown study name is an error listing the studies there are."""
     names = study_names(storage)
     if name not in names:
-        raise MnistTuneError(f"no study named {name!r} in this storage; studies: {', '.join(names) or '(none)'}")
+        raise NotThereYet(f"no study named {name!r} in this storage; studies: {', '.join(names) or '(none)'}")
+
+
+def load_existing_study(storage, name: str) -> optuna.Study:
+    check_study_exists(storage, name)
     return optuna.load_study(study_name=name, storage=storage)
 
 
