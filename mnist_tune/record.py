@@ -155,10 +155,14 @@ class StudyRecord:
         order concurrent workers promoted in)."""
         if not run_id or not model_uri:
             return
-        name = registered_name(model)
-        versions = self.tracker.models.model_versions(name, run_id)
-        version = versions[-1] if versions else self.tracker.models.register_model(name, model_uri)
-        self.tracker.models.set_alias(name, CHAMPION, version)
+
+        def promote():
+            name = registered_name(model)
+            versions = self.tracker.models.model_versions(name, run_id)
+            version = versions[-1] if versions else self.tracker.models.register_model(name, model_uri)
+            self.tracker.models.set_alias(name, CHAMPION, version)
+
+        self.tracker.submit("promote", None, promote)  # after the model's upload, when that is queued
 
     def log_best(self, metric: str, value: float, test_acc: float, number: int, run_id: str,
                  step: int, **counts: int) -> None:

@@ -4,6 +4,10 @@ It knows nothing of studies or trials (record.py lays a study out on top of it).
 through ``MlflowClient`` with explicit run ids, because the fluent API keeps global state; the
 exceptions are ``log_model`` and ``register_model``, which only exist in fluent form.
 Time spent in MLflow calls is summed in ``Tracker.seconds`` so the overhead can be reported.
+
+``Tracker.start_background()`` takes writes off the caller's thread: they are queued in order
+for a writer thread, and models are exported by a child process (background.py says why);
+reads wait for the queued writes first, so a caller always reads what it wrote.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
 import time
 import urllib.error
@@ -22,9 +28,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from mnist_tune.background import Exporter, Writer
 from mnist_tune.checks import check_name, check_sqlite_store
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.stores import redact, resolve_tracking_uri, sqlite_path
+from mnist_tune.stores import first_line, redact, resolve_tracking_uri, sqlite_path
 
 # MLflow prints artifact-download progress bars and one "View run" line per run by default.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -51,7 +58,8 @@ METRICS_FLUSH_SECONDS = 10.0
 
 
 def _timed(method):
-    """Add the call's wall time to its Tracker's totals (per method name, for overhead reports)."""
+    """Add the call's wall time to its Tracker's totals (per method name, for overhead reports);
+    on the writer thread to ``background_seconds``: that time is not the caller's."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         started = time.perf_counter()
@@ -60,8 +68,35 @@ def _timed(method):
         finally:
             elapsed = time.perf_counter() - started
             owner = getattr(self, "tracker", self)
-            owner.seconds += elapsed
-            owner.seconds_by_call[method.__name__] = owner.seconds_by_call.get(method.__name__, 0.0) + elapsed
+            if owner.writer is not None and owner.writer.on_writer_thread():
+                owner.background_seconds += elapsed
+            else:
+                owner.seconds += elapsed
+                owner.seconds_by_call[method.__name__] = owner.seconds_by_call.get(method.__name__, 0.0) + elapsed
+
+    return wrapper
+
+
+def _deferred(method):
+    """A write: with a background writer, queued in order (returns None at once); else made now.
+    The first argument is the run id, so a failure marks that run."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        writer = getattr(self, "tracker", self).writer
+        if writer is None or writer.on_writer_thread():
+            return method(self, *args, **kwargs)
+        run_id = args[0] if args and isinstance(args[0], str) else None
+        writer.submit(method.__name__, run_id, lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+def _reads(method):
+    """A read: waits for the queued writes, so it sees them."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        getattr(self, "tracker", self).drain()
+        return method(self, *args, **kwargs)
 
     return wrapper
 
@@ -94,7 +129,49 @@ class Tracker:
         self.seconds_by_call: dict[str, float] = {}  # method name -> seconds, for overhead reports
         self._queued: dict[str, list[Metric]] = {}  # run id -> metrics not yet written
         self._flushed_at: dict[str, float] = {}  # run id -> time.monotonic() of its last write
+        self.writer: Writer | None = None  # start_background() sets them
+        self.exporter: Exporter | None = None
+        self.background_seconds = 0.0  # MLflow calls made by the writer thread
+        self._runs: dict[str, tuple[str, dict]] = {}  # run id -> (experiment id, params) of runs started here
+        self.log = lambda msg: print(msg, file=sys.stderr)
         check_reachable(self.uri)
+
+    def start_background(self, log=None) -> Tracker:
+        """From now on, writes are queued for a writer thread and models are exported by a
+        child process (started now: it imports while the caller loads data). Call ``close()``
+        when done: it waits for every queued write."""
+        self.client  # noqa: B018  (the store exists before two threads use it)
+        self.log = log or self.log
+        self.writer = Writer(self._failed)
+        self.exporter = Exporter(self.uri)
+        return self
+
+    def drain(self) -> None:
+        """Wait until every queued write is made."""
+        if self.writer is not None:
+            self.writer.drain()
+
+    def close(self) -> None:
+        """Wait for the queued writes and stop the exporter process."""
+        if self.writer is not None:
+            self.writer.drain()
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Run id -> the background write that failed for it (the run was marked FAILED)."""
+        return self.writer.failures if self.writer is not None else {}
+
+    def _failed(self, job, error: Exception) -> None:
+        """A queued write failed: say so, and mark its run FAILED with the reason."""
+        from mnist_tune.record import ERROR
+
+        self.log(f"tracking: {job.name} of run {job.run_id} failed: {first_line(error)}")
+        if job.run_id:
+            self.client.log_batch(job.run_id, tags=[RunTag(ERROR, f"tracking failed: {job.name}: {first_line(error)}")])
+            self.client.set_terminated(job.run_id, status="FAILED")
 
     @functools.cached_property
     def client(self) -> MlflowClient:
@@ -141,12 +218,20 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests by
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         self._flushed_at[run.info.run_id] = time.monotonic()  # the metrics flush clock starts now
+        self._runs[run.info.run_id] = (experiment_id, {})
         return run.info.run_id
 
-    @_timed
     def log_params(self, run_id: str, params: dict) -> None:
+        if run_id in self._runs:  # its logged model gets them too, as MLflow's log_model does
+            self._runs[run_id][1].update({k: str(v) for k, v in params.items()})
+        self._write_params(run_id, params)
+
+    @_deferred
+    @_timed
+    def _write_params(self, run_id: str, params: dict) -> None:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
+    @_deferred
     @_timed
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         """All metrics of one step, written now (summaries; per-epoch metrics use queue_metrics)."""
@@ -163,23 +248,42 @@ class Tracker:
         if time.monotonic() - last >= METRICS_FLUSH_SECONDS or len(queue) >= 500:  # log_batch takes 1000
             self.flush_metrics(run_id)
 
-    @_timed
     def flush_metrics(self, run_id: str) -> None:
-        """Write the queued metrics; they stay queued if the write fails."""
-        queue = self._queued.get(run_id)
-        if queue:
-            self.client.log_batch(run_id, metrics=queue)
+        """Write the queued metrics (in the background, with a writer); without one they stay
+        queued if the write fails."""
+        if self._queued.get(run_id):
+            self._write_metrics(run_id, self._queued[run_id])
         self._queued.pop(run_id, None)
         self._flushed_at[run_id] = time.monotonic()
 
+    @_deferred
+    @_timed
+    def _write_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        self.client.log_batch(run_id, metrics=metrics)
+
+    @_deferred
     @_timed
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
-    @_timed
     def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), folder)
+        """With a writer, a copy of the file is queued: the caller may delete it at once."""
+        staged = None
+        if self.writer is not None and not self.writer.on_writer_thread():
+            staged = Path(tempfile.mkdtemp(prefix="mnist-tune-")) / Path(path).name
+            path = shutil.copy2(path, staged)
+        self._write_artifact(run_id, str(path), folder, staged)
 
+    @_deferred
+    @_timed
+    def _write_artifact(self, run_id: str, path: str, folder: str | None, staged: Path | None) -> None:
+        try:
+            self.client.log_artifact(run_id, path, folder)
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged.parent, ignore_errors=True)
+
+    @_deferred
     @_timed
     def log_datasets(self, run_id: str, datasets: list[dict]) -> None:
         """Dataset inputs (the UI's *Dataset* column): each a dict with name, digest, source
@@ -189,16 +293,33 @@ class Tracker:
                     profile=json.dumps(d["profile"])), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
             for d in datasets])
 
-    @_timed
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(run_id, status=status)
         self._flushed_at.pop(run_id, None)
+        self._runs.pop(run_id, None)
+        self._terminate(run_id, status)
 
+    @_deferred
+    @_timed
+    def _terminate(self, run_id: str, status: str) -> None:
+        if run_id in self.failures:  # a background write for it failed: it stays FAILED
+            status = "FAILED"
+        self.client.set_terminated(run_id, status=status)
+
+    @_deferred
     @_timed
     def set_status(self, run_id: str, status: str) -> None:
         self.client.update_run(run_id, status=status)
 
+    def submit(self, name: str, run_id: str | None, call) -> None:
+        """Run ``call`` (MLflow calls through this tracker) after the writes queued so far; now
+        when there is no writer."""
+        if self.writer is None or self.writer.on_writer_thread():
+            call()
+        else:
+            self.writer.submit(name, run_id, call)
+
+    @_reads
     @_timed
     def get_run(self, run_id: str):
         """The run, or a one-line error listing the latest runs there are."""
@@ -211,6 +332,7 @@ class Tracker:
         known = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in recent) or "(none)"
         raise MnistTuneError(f"no MLflow run with id {run_id!r} in {redact(self.uri)}; latest runs: {known}")
 
+    @_reads
     @_timed
     def run_status(self, run_id: str) -> str | None:
         """RUNNING, FINISHED, ... of an active run; None if it does not exist or was deleted."""
@@ -220,11 +342,13 @@ class Tracker:
             return None
         return run.info.status if run.info.lifecycle_stage == "active" else None
 
+    @_reads
     @_timed
     def delete_run(self, run_id: str) -> None:
         self.client.set_terminated(run_id, status="KILLED")
         self.client.delete_run(run_id)
 
+    @_reads
     @_timed
     def search_runs(self, experiment_id: str, filter_string: str, max_results: int = 1000) -> list:
         return self.client.search_runs([experiment_id], filter_string, max_results=max_results)
@@ -237,25 +361,48 @@ class Models:
         self.tracker = tracker
 
     @_timed
-    def log_model(self, run_id: str, model, example) -> str:
+    def log_model(self, run_id: str, model, example, model_id: str | None = None) -> str:
         """Log a torch model under ``runs:/<run_id>/model``; returns its ``models:/`` URI.
 
         pt2 (torch.export) makes the artifact self-contained: loading it needs torch and
         mlflow only, not this package or einops. ``example`` is a float array (N>1, 1, 28, 28).
+        With an exporter process, the logged model is created now (so its URI is known) and
+        the export is queued: the caller does not touch ``model`` again.
         """
+        tracker = self.tracker
+        if tracker.exporter is not None and model_id is None and run_id in tracker._runs:
+            experiment_id, params = tracker._runs[run_id]
+            model_id = tracker.client.create_logged_model(experiment_id, MODEL_NAME, run_id, params=params).model_id
+            model = model.cpu()  # pickled to the exporter: a CUDA tensor would need CUDA there
+            tracker.submit("log_model", run_id, lambda: self._export(run_id, model_id, model, example))
+            return f"models:/{model_id}"
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, **_model_options(model, example),
+                model, name=MODEL_NAME, model_id=model_id, **_model_options(model, example),
                 # MLflow would reload the model to validate the example; the tests cover the reload.
                 validate_serving_input=False)
         # Leaving the block marked the run FINISHED; the caller sets the final status after.
         return info.model_uri
 
     @_timed
+    def _export(self, run_id: str, model_id: str, model, example) -> None:
+        """On the writer thread: the exporter process saves and logs the model; a failure
+        leaves the logged model FAILED (and, through the writer, its run)."""
+        try:
+            self.tracker.exporter.export(run_id, model_id, model, example)
+        except Exception:
+            self.tracker.client.finalize_logged_model(model_id, "FAILED")
+            raise
+
+    @_deferred
+    @_timed
     def warm_up_model_logging(self, model, example) -> None:
         """Save ``model`` once to a throwaway folder, before the first trial: the first pt2
         save in a process pays torch.export's import and MLflow's package scan, which should
-        not be charged to a trial; an architecture that cannot be exported fails here."""
+        not be charged to a trial; an architecture that cannot be exported fails here (with
+        an exporter: there, queued, and ``failures`` says so)."""
+        if self.tracker.exporter is not None:
+            return self.tracker.exporter.warm_up(model.cpu(), example)
         with tempfile.TemporaryDirectory() as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
 
@@ -271,6 +418,7 @@ class Models:
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.tracker.client.set_registered_model_alias(name, alias, version)
 
+    @_reads
     @_timed
     def model_versions(self, name: str, run_id: str) -> list[str]:
         """Versions of ``name`` registered from ``run_id``, oldest first."""

@@ -184,6 +184,8 @@ class Worker:
                 warm_up_model_logging(self.tracker, self.sweep.model, self.data)
             while not stop.finish_requested():
                 stop.raise_if_requested()
+                if error := self.tracker.failures.get("warm_up_model_logging"):  # no model could be saved
+                    raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {error}")
                 if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
                     break
                 count = count_budget(self.study.get_trials(deepcopy=False))
@@ -265,18 +267,23 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     if threads:
         torch.set_num_threads(threads)
     tracker = Tracker(tracking_uri)  # checks a server is reachable; writes nothing yet
-    # Moved to the device once per worker, not once per trial.
-    data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
-    worker = Worker(sweep, settings, tracker, data, torch_device, log)
-    worker.open()
+    tracker.start_background(log)  # MLflow writes and model exports leave the training thread
     try:
-        count = worker.run()
-        worker.finish()
-    except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
-        worker.interrupted()
-        e.outcome = "the current trial was closed, rerun the command to finish the study"
-        raise
-    return summary(worker, count, time.perf_counter() - started)
+        # Moved to the device once per worker, not once per trial.
+        data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
+        worker = Worker(sweep, settings, tracker, data, torch_device, log)
+        worker.open()
+        try:
+            count = worker.run()
+            worker.finish()
+        except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
+            worker.interrupted()
+            e.outcome = "the current trial was closed, rerun the command to finish the study"
+            raise
+        tracker.close()
+        return summary(worker, count, time.perf_counter() - started)
+    finally:
+        tracker.close()  # everything queued is written (a second Ctrl-C stops waiting)
 
 
 def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
@@ -295,7 +302,11 @@ def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
                   f"model: runs:/{run_id}/model"]
     top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
     lines.append(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall "
-                 "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")")
+                 "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")"
+                 + (f"; {tracker.background_seconds:.1f} s more in the background" if tracker.writer else ""))
+    if tracker.failures:
+        lines.append(f"tracking failed for {len(tracker.failures)} run(s), marked FAILED: "
+                     + "; ".join(f"{run} {why}" for run, why in tracker.failures.items()))
     inside = worker.objective
     if inside.seconds:
         lines.append(f"  inside trials: {inside.tracking_seconds:.1f} s of {inside.seconds:.0f} s "
@@ -331,5 +342,6 @@ def report_champion(tracker: Tracker, run_id: str, data) -> None:
     from mnist_tune.tracking import load_model
 
     if run_id:
+        tracker.drain()  # its model may still be on its way
         model = load_model(f"runs:/{run_id}/model", tracker.uri)
         log_report(tracker, run_id, classifier_report(model, data.test_x.cpu(), data.test_y.cpu()))

@@ -166,3 +166,94 @@ def test_champion_moves_to_the_promoted_run_and_reuses_its_version(tracker):
     champion = tracker.client.get_model_version_by_alias(record.registered_name("mlp"), record.CHAMPION)
     assert champion.run_id == first and str(champion.version) == "1"
     assert len(tracker.client.search_model_versions("name = 'mnist-mlp'")) == 2
+
+
+# ------------------------------------------------------------------ background writes
+
+
+@pytest.fixture
+def background(tmp_path):
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db").start_background(log=lambda msg: None)
+    yield tracker
+    tracker.close()
+
+
+def test_background_writes_land_in_order_and_reads_see_them(background):
+    """Writes return at once and are made in order: the run ends after its model is logged,
+    and a read waits for what was queued before it."""
+    run_id = background.start_run(background.experiment("async"), "run")
+    background.log_params(run_id, {"lr": 0.01})
+    background.queue_metrics(run_id, {"val_acc": 0.5}, step=1)
+    background.flush_metrics(run_id)
+    uri = background.models.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+    background.end_run(run_id, "KILLED")
+    run = background.get_run(run_id)  # waits for the queue
+    assert run.data.params["lr"] == "0.01" and run.data.metrics["val_acc"] == 0.5
+    assert run.info.status == "KILLED" and run.outputs.model_outputs[0].model_id == uri.split("/")[-1]
+    logged = background.client.get_logged_model(uri.split("/")[-1])
+    assert logged.status.name == "READY" and logged.params["lr"] == "0.01" and logged.source_run_id == run_id
+    assert background.background_seconds > 0 and background.failures == {}
+    model = tracking.load_model(uri, background.uri)
+    assert model(torch.as_tensor(example())).shape == (4, 10)
+
+
+def test_a_failed_background_write_marks_its_run_and_is_reported(tmp_path):
+    """A write that fails in the background is never lost silently: it is logged, listed in
+    ``failures``, and its run ends FAILED with the reason, whatever status was asked."""
+    said = []
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db").start_background(log=said.append)
+    try:
+        run_id = tracker.start_run(tracker.experiment("fails"), "run")
+        tracker.log_params(run_id, {"lr": 0.01})
+        tracker.log_params(run_id, {"lr": 0.02})  # MLflow refuses to change a logged param
+        tracker.end_run(run_id, "FINISHED")
+        tracker.drain()
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == "FAILED" and "tracking failed: _write_params" in run.data.tags[record.ERROR]
+        assert list(tracker.failures) == [run_id] and len(said) == 1 and run_id in said[0]
+    finally:
+        tracker.close()
+
+
+class NotExportable(torch.nn.Module):
+    """Data-dependent control flow: torch.export refuses it."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] if x.sum() > 0 else x.flatten(1)[:, 10:20]
+
+
+def test_a_failed_model_export_leaves_the_model_and_run_failed(background):
+    run_id = background.start_run(background.experiment("export"), "run")
+    uri = background.models.log_model(run_id, NotExportable(), example())
+    background.end_run(run_id)
+    background.drain()
+    assert background.client.get_logged_model(uri.split("/")[-1]).status.name == "FAILED"
+    assert background.client.get_run(run_id).info.status == "FAILED"
+    assert "log_model" in background.failures[run_id]
+
+
+def test_the_exporter_process_ends_with_its_parent(tmp_path):
+    """kill -9 of the worker leaves no exporter behind: its pipe closes and it exits."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys; from mnist_tune.tracking import Tracker; "
+            f"t = Tracker('sqlite:///{tmp_path}/mlflow.db').start_background(); "
+            "print(t.exporter.process.pid, flush=True); sys.stdin.readline()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
