@@ -1,12 +1,12 @@
-"""Tracking off the training thread: a writer thread that makes MLflow calls in order, and an
-exporter process that saves and logs models.
+"""Tracking off the training thread: a writer thread that makes MLflow calls in order, and a
+helper process for the heavy jobs (model export, plots, the champion's report).
 
 The writer keeps calls in the order they were made, so a run is closed only after its
 metrics and model are written; ``drain`` waits for all of them (reads, the end of a study and
-Ctrl-C/SIGTERM drain first). The export runs in a process, not a thread, because
-torch.export's tracer patches ``torch.nn.Module.__call__`` for every thread while it traces,
-and because it would hold the GIL the training loop needs. A failed call is never silent: it
-is logged, its run is marked FAILED with the reason, and ``failures`` lists it.
+Ctrl-C/SIGTERM drain first). Exports run in a process, not a thread, because torch.export's
+tracer patches ``torch.nn.Module.__call__`` for every thread while it traces, and because
+they would hold the GIL the training loop needs. A failed call is never silent: it is
+logged, its run is marked FAILED with the reason, and ``failures`` lists it.
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ class Writer:
                 self._jobs.task_done()
 
 
-class Exporter:
-    """A child process that saves models with MLflow (``export(...)`` blocks until it is logged).
+class Helper:
+    """A child process with its own Tracker that runs ``call(fn, *args)`` = ``fn(tracker, *args)``
+    (``fn`` a module-level function, the arguments picklable), one at a time; ``call`` blocks
+    until it returns. For the heavy jobs: exporting models, drawing plots, the champion's report.
 
     It starts at once and imports torch and MLflow while the parent loads data; it exits when
     the parent closes it or dies (its pipe ends)."""
@@ -76,28 +78,19 @@ class Exporter:
     def __init__(self, tracking_uri: str):
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads (and CUDA)
         self._conn, child = context.Pipe()
-        self._lock = threading.Lock()  # one request at a time: the writer thread, or drain/close
-        self.process = context.Process(target=_serve, args=(child, tracking_uri),
-                                       name="mnist-tune-exporter", daemon=True)
+        self._lock = threading.Lock()  # one request at a time: the writer thread, or close
+        self.process = context.Process(target=_serve, args=(child, tracking_uri), name="mnist-tune-tracking",
+                                       daemon=True)
         self.process.start()
         child.close()
 
-    def export(self, run_id: str, model_id: str, model, example) -> str:
-        """Log ``model`` (on the CPU) into ``run_id`` as logged model ``model_id``; its URI."""
-        return self._ask(("log", run_id, model_id, model, example))
-
-    def warm_up(self, model, example) -> None:
-        """Save ``model`` to a throwaway folder (the first save's start-up cost)."""
-        self._ask(("warm", model, example))
-
-    def _ask(self, request):
+    def call(self, fn: Callable, *args):
         with self._lock:
             try:
-                self._conn.send(request)
+                self._conn.send((fn, args))
                 ok, value = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError):
-                raise RuntimeError(f"the model exporter process stopped (exit code {self.process.exitcode})") \
-                    from None
+            except (EOFError, OSError):
+                raise RuntimeError(f"the tracking process stopped (exit code {self.process.exitcode})") from None
         if not ok:
             raise RuntimeError(value)
         return value
@@ -116,13 +109,16 @@ class Exporter:
 
 
 def _serve(conn, tracking_uri: str) -> None:
-    """The exporter's loop. Ctrl-C/SIGTERM go to the whole process group; the parent decides
-    when to stop, after its last model is written, so the child ignores them."""
+    """The helper's loop. Ctrl-C/SIGTERM go to the whole process group; the parent decides
+    when to stop, after its last job is done, so the child ignores them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import mlflow.pytorch  # noqa: F401  (the imports are the slow part of start-up: paid now, in parallel)
+    import torch.export  # noqa: F401
+
     from mnist_tune.tracking import Tracker
 
-    models = Tracker(tracking_uri).models
+    tracker = Tracker(tracking_uri)
     while True:
         try:
             request = conn.recv()
@@ -130,16 +126,17 @@ def _serve(conn, tracking_uri: str) -> None:
             return
         if request is None:
             return
+        fn, args = request
         try:
-            if request[0] == "warm":
-                reply = (True, models.warm_up_model_logging(*request[1:]))
-            else:
-                _, run_id, model_id, model, example = request
-                reply = (True, models.log_model(run_id, model, example, model_id=model_id))
+            # Opened at the first job, which comes after the parent created the store (two
+            # processes creating one SQLite store at once collide); also points MLflow's
+            # fluent API, which log_model uses, at it.
+            tracker.client  # noqa: B018
+            reply = (True, fn(tracker, *args))
         except Exception as e:
             reply = (False, f"{type(e).__name__}: {first_line(e)}")
         try:
             conn.send(reply)
-        except (OSError, BrokenPipeError):
+        except OSError:
             return
         sys.stdout.flush()

@@ -110,7 +110,7 @@ class StudyRecord:
                 tracker.log_params(mine, params)
                 if sweep_file is not None:
                     tracker.log_artifact(mine, sweep_file, "sweep")
-                found = cls._parent_runs(tracker, experiment_id, study)
+                found = cls._parent_runs(tracker, experiment_id, study) or [mine]
                 if mine in found[1:]:
                     tracker.delete_run(mine)
             parent = found[0]

@@ -28,7 +28,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from mnist_tune.background import Exporter, Writer
+from mnist_tune.background import Helper, Writer
 from mnist_tune.checks import check_name, check_sqlite_store
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.stores import first_line, redact, resolve_tracking_uri, sqlite_path
@@ -130,21 +130,33 @@ class Tracker:
         self._queued: dict[str, list[Metric]] = {}  # run id -> metrics not yet written
         self._flushed_at: dict[str, float] = {}  # run id -> time.monotonic() of its last write
         self.writer: Writer | None = None  # start_background() sets them
-        self.exporter: Exporter | None = None
+        self.helper: Helper | None = None
         self.background_seconds = 0.0  # MLflow calls made by the writer thread
         self._runs: dict[str, tuple[str, dict]] = {}  # run id -> (experiment id, params) of runs started here
         self.log = lambda msg: print(msg, file=sys.stderr)
         check_reachable(self.uri)
 
     def start_background(self, log=None) -> Tracker:
-        """From now on, writes are queued for a writer thread and models are exported by a
-        child process (started now: it imports while the caller loads data). Call ``close()``
-        when done: it waits for every queued write."""
-        self.client  # noqa: B018  (the store exists before two threads use it)
+        """From now on, writes are queued for a writer thread, and models are exported by a
+        child process (started now: it imports while the caller loads data; the store is
+        opened meanwhile too). Call ``close()`` when done: it waits for every queued write."""
         self.log = log or self.log
         self.writer = Writer(self._failed)
-        self.exporter = Exporter(self.uri)
+        self.helper = Helper(self.uri)
+        self.writer.submit("open the store", None, lambda: self.client)
         return self
+
+    def in_background(self, name: str, run_id: str | None, fn, *args) -> None:
+        """``fn(tracker, *args)`` in the child process after the writes queued so far (a
+        failure marks ``run_id``); without one, now, here."""
+        if self.helper is None:
+            fn(self, *args)
+        else:
+            self.submit(name, run_id, lambda: self._timed_call(self.helper.call, fn, *args))
+
+    @_timed
+    def _timed_call(self, call, *args):
+        return call(*args)
 
     def drain(self) -> None:
         """Wait until every queued write is made."""
@@ -152,12 +164,12 @@ class Tracker:
             self.writer.drain()
 
     def close(self) -> None:
-        """Wait for the queued writes and stop the exporter process."""
+        """Wait for the queued writes and stop the helper process."""
         if self.writer is not None:
             self.writer.drain()
-        if self.exporter is not None:
-            self.exporter.close()
-            self.exporter = None
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
 
     @property
     def failures(self) -> dict[str, str]:
@@ -191,6 +203,7 @@ class Tracker:
 
     # ------------------------------------------------------------------- experiments
 
+    @_reads
     @_timed
     def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
         """Id of the experiment called ``name``, created on first use."""
@@ -366,14 +379,14 @@ class Models:
 
         pt2 (torch.export) makes the artifact self-contained: loading it needs torch and
         mlflow only, not this package or einops. ``example`` is a float array (N>1, 1, 28, 28).
-        With an exporter process, the logged model is created now (so its URI is known) and
+        With a helper process, the logged model is created now (so its URI is known) and
         the export is queued: the caller does not touch ``model`` again.
         """
         tracker = self.tracker
-        if tracker.exporter is not None and model_id is None and run_id in tracker._runs:
+        if tracker.helper is not None and model_id is None and run_id in tracker._runs:
             experiment_id, params = tracker._runs[run_id]
             model_id = tracker.client.create_logged_model(experiment_id, MODEL_NAME, run_id, params=params).model_id
-            model = model.cpu()  # pickled to the exporter: a CUDA tensor would need CUDA there
+            model = model.cpu()  # pickled to the helper: a CUDA tensor would need CUDA there
             tracker.submit("log_model", run_id, lambda: self._export(run_id, model_id, model, example))
             return f"models:/{model_id}"
         with mlflow.start_run(run_id=run_id):
@@ -386,13 +399,18 @@ class Models:
 
     @_timed
     def _export(self, run_id: str, model_id: str, model, example) -> None:
-        """On the writer thread: the exporter process saves and logs the model; a failure
-        leaves the logged model FAILED (and, through the writer, its run)."""
+        """On the writer thread: the child process saves and logs the model; a failure leaves
+        the logged model FAILED (and, through the writer, its run)."""
         try:
-            self.tracker.exporter.export(run_id, model_id, model, example)
+            self.tracker.helper.call(_log_model, run_id, model_id, model, example)
         except Exception:
             self.tracker.client.finalize_logged_model(model_id, "FAILED")
             raise
+
+    def load_model(self, uri: str):
+        """The logged model ``uri`` (after the queued writes), as a torch module on the CPU."""
+        self.tracker.drain()
+        return load_model(uri, self.tracker.uri)
 
     @_deferred
     @_timed
@@ -400,9 +418,9 @@ class Models:
         """Save ``model`` once to a throwaway folder, before the first trial: the first pt2
         save in a process pays torch.export's import and MLflow's package scan, which should
         not be charged to a trial; an architecture that cannot be exported fails here (with
-        an exporter: there, queued, and ``failures`` says so)."""
-        if self.tracker.exporter is not None:
-            return self.tracker.exporter.warm_up(model.cpu(), example)
+        a helper process: there, queued, and ``failures`` says so)."""
+        if self.tracker.helper is not None:
+            return self.tracker.helper.call(_warm_up, model.cpu(), example)
         with tempfile.TemporaryDirectory() as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
 
@@ -424,6 +442,49 @@ class Models:
         """Versions of ``name`` registered from ``run_id``, oldest first."""
         found = self.tracker.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
         return sorted((str(v.version) for v in found), key=int)
+
+
+class NullTracker:
+    """Tracker's interface, recording nothing: the baseline that benchmarks/tracking_overhead.py
+    measures tracking's cost against (a study run with it leaves no trace in MLflow)."""
+
+    uri, is_embedded, writer, helper = "(no tracking)", False, None, None
+    seconds = background_seconds = 0.0
+
+    def __init__(self):
+        self.seconds_by_call, self.failures, self.models = {}, {}, self
+
+    def start_background(self, log=None) -> NullTracker:
+        return self
+
+    def start_run(self, *args, **kwargs) -> str:
+        return uuid.uuid4().hex
+
+    def experiment(self, *args, **kwargs) -> str:
+        return "0"
+
+    def log_model(self, run_id: str, *args, **kwargs) -> str:
+        return f"runs:/{run_id}/{MODEL_NAME}"
+
+    def in_background(self, *args) -> None:
+        """Plots and the champion's report are drawn only to be logged: not drawn."""
+
+    def search_runs(self, *args, **kwargs) -> list:
+        return []
+
+    def model_versions(self, *args) -> list:
+        return []
+
+    def __getattr__(self, name: str):  # every other call: nothing to do, nothing returned
+        return lambda *args, **kwargs: None
+
+
+def _log_model(tracker: Tracker, run_id: str, model_id: str, model, example) -> str:
+    return tracker.models.log_model(run_id, model, example, model_id=model_id)
+
+
+def _warm_up(tracker: Tracker, model, example) -> None:
+    tracker.models.warm_up_model_logging(model, example)
 
 
 def _model_options(model, example) -> dict:

@@ -241,11 +241,8 @@ class Worker:
         self.record.end("FINISHED")
 
     def _log_plots(self, png: bool = True) -> None:
-        from mnist_tune.plots import write_study_plots
-
-        with tempfile.TemporaryDirectory() as folder:
-            plots = write_study_plots(self.study, Path(folder), self.sweep.metric, png=png, log=self.log)
-            self.record.log_files(plots, "plots")
+        self.tracker.in_background("plots", None, log_study_plots, resolve_storage(self.settings.storage),
+                                   self.name, self.sweep.metric, self.record.parent_run_id, png)
 
     def interrupted(self) -> None:
         """After Ctrl-C/SIGTERM: if no other worker is mid-trial, the parent run is KILLED."""
@@ -254,9 +251,10 @@ class Worker:
 
 
 def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, data_dir, device: str,
-              threads: int | None = None, log=None) -> list[str]:
+              threads: int | None = None, log=None, tracker: Tracker | None = None) -> list[str]:
     """``mnist-tune study``: join the study, run trials until its budget is spent, close it.
-    Returns the summary lines to print."""
+    Returns the summary lines to print. ``tracker`` replaces the one made for ``tracking_uri``
+    (the benchmarks pass a NullTracker)."""
     import torch
 
     from mnist_tune.data import load_mnist
@@ -266,7 +264,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     torch_device = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
-    tracker = Tracker(tracking_uri)  # checks a server is reachable; writes nothing yet
+    tracker = tracker or Tracker(tracking_uri)  # checks a server is reachable; writes nothing yet
     tracker.start_background(log)  # MLflow writes and model exports leave the training thread
     try:
         # Moved to the device once per worker, not once per trial.
@@ -275,12 +273,13 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
         worker.open()
         try:
             count = worker.run()
-            worker.finish()
         except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
             worker.interrupted()
             e.outcome = "the current trial was closed, rerun the command to finish the study"
             raise
-        tracker.close()
+        with stop.signals_deferred():  # the trials are done: a signal now waits for their record to be complete
+            worker.finish()
+            tracker.close()
         return summary(worker, count, time.perf_counter() - started)
     finally:
         tracker.close()  # everything queued is written (a second Ctrl-C stops waiting)
@@ -338,10 +337,23 @@ def warm_up_model_logging(tracker: Tracker, model: str, data) -> None:
 def report_champion(tracker: Tracker, run_id: str, data) -> None:
     """Per-class precision/recall and the confusion matrix on the best trial's run, from its
     logged model (as `mnist-tune evaluate` does), so the UI shows where the champion errs."""
-    from mnist_tune.report import classifier_report, log_report
-    from mnist_tune.tracking import load_model
-
     if run_id:
-        tracker.drain()  # its model may still be on its way
-        model = load_model(f"runs:/{run_id}/model", tracker.uri)
-        log_report(tracker, run_id, classifier_report(model, data.test_x.cpu(), data.test_y.cpu()))
+        tracker.in_background("champion report", None, _report, run_id, data.test_x.cpu(), data.test_y.cpu())
+
+
+def _report(tracker: Tracker, run_id: str, images, labels) -> None:
+    from mnist_tune.report import classifier_report, log_report
+
+    model = tracker.models.load_model(f"runs:/{run_id}/model")
+    if model is not None:
+        log_report(tracker, run_id, classifier_report(model, images, labels))
+
+
+def log_study_plots(tracker: Tracker, storage: str, name: str, metric: str, run_id: str, png: bool) -> None:
+    """Draw the study's plots (plots.py) and log them to its parent run."""
+    from mnist_tune.plots import write_study_plots
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in write_study_plots(study, Path(folder), metric, png=png):
+            tracker.log_artifact(run_id, path, "plots")

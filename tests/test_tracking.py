@@ -232,15 +232,15 @@ def test_a_failed_model_export_leaves_the_model_and_run_failed(background):
     assert "log_model" in background.failures[run_id]
 
 
-def test_the_exporter_process_ends_with_its_parent(tmp_path):
-    """kill -9 of the worker leaves no exporter behind: its pipe closes and it exits."""
+def test_the_helper_process_ends_with_its_parent(tmp_path):
+    """kill -9 of the worker leaves no helper process behind: its pipe closes and it exits."""
     import subprocess
     import sys
     import time
 
     code = ("import os, sys; from mnist_tune.tracking import Tracker; "
             f"t = Tracker('sqlite:///{tmp_path}/mlflow.db').start_background(); "
-            "print(t.exporter.process.pid, flush=True); sys.stdin.readline()")
+            "print(t.helper.process.pid, flush=True); sys.stdin.readline()")
     parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     parent.kill()
