@@ -6,9 +6,10 @@ checked the same way.
 
     python benchmarks/tracking_overhead.py                    # default mlp sweep, 40 trials
     python benchmarks/tracking_overhead.py --trials 6 --epochs 2 --repeats 1   # a quick look
+    python benchmarks/tracking_overhead.py --modes tracked,sync,null  # also: MLflow on the training thread
 
 Prints each wall time (the process's, as a user sees `mnist-tune study`), the ratio
-tracked / no-op, and the checks. With --repeats N the two alternate N times (ratio of sums).
+tracked / no-op, and the checks. With --repeats N the order alternates (ratio of sums).
 """
 
 from __future__ import annotations
@@ -28,17 +29,25 @@ from machine import describe  # noqa: E402
 
 
 def child(mode: str, home: str, model: str, trials: int, epochs: int | None, seed: int) -> None:
-    """One study in this process: ``tracked`` exactly as `mnist-tune study` runs it, or ``null``."""
+    """One study in this process: ``tracked`` exactly as `mnist-tune study` runs it; ``sync``
+    the same with every MLflow call on the training thread (as before the background writer);
+    ``null`` with no tracking."""
     from mnist_tune.config import sweep_for
     from mnist_tune.study import WorkerSettings
-    from mnist_tune.tracking import NullTracker
+    from mnist_tune.tracking import NullTracker, Tracker
     from mnist_tune.worker import run_study
 
     sweep = sweep_for(model, None).with_overrides(epochs=epochs)
     settings = WorkerSettings(trials=trials, storage=f"sqlite:///{home}/optuna.db", seed=seed,
-                              plots=mode == "tracked")
+                              plots=mode != "null")
+    tracker = None
+    if mode == "null":
+        tracker = NullTracker()
+    elif mode == "sync":
+        tracker = Tracker(f"sqlite:///{home}/mlflow.db")
+        tracker.start_background = lambda log=None: tracker  # stays synchronous
     lines = run_study(sweep, settings, f"sqlite:///{home}/mlflow.db", None, "cpu", log=lambda m: None,
-                      tracker=NullTracker() if mode == "null" else None)
+                      tracker=tracker)
     print("\n".join(lines))
 
 
@@ -126,7 +135,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-sigterm", action="store_true", help="skip the SIGTERM check")
-    parser.add_argument("--child", choices=["tracked", "null"], help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="tracked,null", help="which to run, in order: tracked, sync, null")
+    parser.add_argument("--child", choices=["tracked", "sync", "null"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -137,18 +147,20 @@ def main() -> None:
     args.study_name = sweep_for(args.model, None).name
     print(f"# tracking overhead: {args.model} sweep, {args.trials} trials, seed {args.seed}, "
           f"epochs {args.epochs or 'the sweep'}s; {describe()}, {os.cpu_count()} cores", flush=True)
-    walls = {"tracked": [], "null": []}
+    modes = args.modes.split(",")
+    walls = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
-        for mode in ("tracked", "null") if repeat % 2 == 0 else ("null", "tracked"):
+        for mode in modes if repeat % 2 == 0 else modes[::-1]:
             wall, home, out = timed(mode, args)
             walls[mode].append(wall)
             summary = [line for line in out.splitlines() if line.startswith(("study ", "tracking"))]
             print(f"{mode:8s} {wall:7.1f} s   " + " | ".join(summary), flush=True)
-            if mode == "tracked":
+            if mode != "null":
                 problems = check_nothing_lost(home, args.study_name)
                 print("         check: " + ("nothing lost" if not problems else "LOST: " + "; ".join(problems)))
-    ratio = sum(walls["tracked"]) / sum(walls["null"])
-    print(f"ratio tracked / no-op: {ratio:.3f}")
+    for mode in modes:
+        if mode != "null" and "null" in walls:
+            print(f"ratio {mode} / no-op: {sum(walls[mode]) / sum(walls['null']):.3f}")
     if not args.no_sigterm:
         print(sigterm_check(args), flush=True)
 
