@@ -182,9 +182,10 @@ def _process_start(pid: int) -> float | None:
     """When a process started (epoch seconds), from /proc; None where there is no /proc."""
     try:
         ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        # Boot time from the uptime, not /proc/stat's btime: that one is whole seconds, and the
+        # wall clock drifts from it on a VM (seen: a 1.5 s margin failed under load).
+        boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 

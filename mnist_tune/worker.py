@@ -265,11 +265,12 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     if threads:
         torch.set_num_threads(threads)
     tracker = tracker or Tracker(tracking_uri)  # checks a server is reachable; writes nothing yet
+    worker = Worker(sweep, settings, tracker, None, torch_device, log)  # a bad storage fails here, nothing written
     tracker.start_background(log)  # MLflow writes and model exports leave the training thread
     try:
-        # Moved to the device once per worker, not once per trial.
-        data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
-        worker = Worker(sweep, settings, tracker, data, torch_device, log)
+        # Moved to the device once per worker, not once per trial; meanwhile the MLflow store
+        # opens and the helper process imports.
+        worker.data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
         worker.open()
         try:
             count = worker.run()
