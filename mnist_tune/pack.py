@@ -60,14 +60,19 @@ class PackAdamW:
     def __init__(self, flat: torch.Tensor, weight_decays: list[float]):
         self.flat = flat
         self.weight_decays = list(weight_decays)
+        self.starts = [0] * len(weight_decays)  # the pack step at which each member joined
         self.grad = torch.zeros_like(flat)
         self.exp_avg = torch.zeros_like(flat)
         self.exp_avg_sq = torch.zeros_like(flat)
 
     def schedule_rows(self, lrs: list[list[float]], beta1s: list[list[float]]) -> torch.Tensor:
-        """(steps, K, 4): each member's (lr, beta1) schedule as ``adamw_row`` coefficients."""
-        rows = [[adamw_row(lr, beta1, t, wd) for t, (lr, beta1) in enumerate(zip(member_lrs, member_beta1s), start=1)]
-                for member_lrs, member_beta1s, wd in zip(lrs, beta1s, self.weight_decays)]
+        """(pack steps, K, 4): each member's (lr, beta1) schedule as ``adamw_row`` coefficients,
+        from the step it joined (zeros outside its run: no update)."""
+        length = max(start + len(member_lrs) for start, member_lrs in zip(self.starts, lrs))
+        rows = []
+        for start, member_lrs, member_beta1s, wd in zip(self.starts, lrs, beta1s, self.weight_decays):
+            own = [adamw_row(lr, beta1, t, wd) for t, (lr, beta1) in enumerate(zip(member_lrs, member_beta1s), 1)]
+            rows.append([(0.0,) * 4] * start + own + [(0.0,) * 4] * (length - start - len(own)))
         return torch.tensor(rows, dtype=torch.float32, device=self.flat.device).transpose(0, 1).contiguous()
 
     @torch.no_grad()
@@ -84,6 +89,15 @@ class PackAdamW:
         self.flat, self.grad = self.flat[index], self.grad[index]
         self.exp_avg, self.exp_avg_sq = self.exp_avg[index], self.exp_avg_sq[index]
         self.weight_decays = [self.weight_decays[i] for i in index.tolist()]
+        self.starts = [self.starts[i] for i in index.tolist()]
+
+    def add(self, flat: torch.Tensor, weight_decays: list[float], start: int) -> None:
+        """New members (refill), fresh AdamW state, their schedules starting at pack step ``start``."""
+        self.flat = torch.cat([self.flat, flat])
+        for name in ("grad", "exp_avg", "exp_avg_sq"):
+            setattr(self, name, torch.cat([getattr(self, name), torch.zeros_like(flat)]))
+        self.weight_decays += weight_decays
+        self.starts += [start] * len(weight_decays)
 
 
 def _views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
@@ -237,21 +251,26 @@ class Pack:
         self.device, self.n_train = device, n_train
         self.batch_size, self.epochs = hps[0].batch_size, hps[0].epochs
         self.steps_per_epoch = math.ceil(n_train / self.batch_size)
-        models = []
-        for model_hp, hp in zip(model_hps, hps):
-            seed_everything(hp.seed)  # each member's weights are its single trial's
-            models.append(build_model(model_name, **model_hp))
+        flat, self.keep, models = self._members(model_hps, hps)
         self.template = models[0]
         self.shapes = [p.shape for p in self.template.parameters()]
-        flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models]).to(device)
         self.optimizer = PackAdamW(flat, [hp.weight_decay for hp in hps])
-        # each member's keep-probability, from its model (the builders have their own default dropout)
-        self.keep = torch.tensor([1.0 - next((m.p for m in model.modules() if isinstance(m, nn.Dropout)), 0.0)
-                                  for model in models], device=device)
         self.shuffles = [torch.Generator(device=device).manual_seed(hp.seed) for hp in hps]
         self.loss_sum = torch.zeros(len(hps), device=device)
         self.train_step = StackedMLPStep(self) if type(self.template) is MLP else VmappedStep(self)
-        self.step = 0  # optimizer steps taken, the same for every member
+        self.step = 0  # pack steps taken; a member that joined later has taken fewer (optimizer.starts)
+
+    def _members(self, model_hps: list[dict], hps: list[TrainConfig]):
+        """(K, P) initial parameters, (K,) keep-probabilities and the models they come from."""
+        models = []
+        for model_hp, hp in zip(model_hps, hps):
+            seed_everything(hp.seed)  # each member's weights are its single trial's
+            models.append(build_model(self.model_name, **model_hp))
+        flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
+        # each member's keep-probability, from its model (the builders have their own default dropout)
+        keep = torch.tensor([1.0 - next((m.p for m in model.modules() if isinstance(m, nn.Dropout)), 0.0)
+                             for model in models])
+        return flat.to(self.device), keep.to(self.device), models
 
     @property
     def size(self) -> int:
@@ -321,3 +340,16 @@ class Pack:
         self.model_hps = [self.model_hps[i] for i in members]
         self.hps = [self.hps[i] for i in members]
         self.shuffles = [self.shuffles[i] for i in members]
+
+    def add_members(self, model_hps: list[dict], hps: list[TrainConfig]) -> None:
+        """Refill: members of the same shape group join at the current step (an epoch boundary),
+        initialised as their single trials; their schedules and epochs count from here."""
+        if not hps:
+            return
+        flat, keep, _ = self._members(model_hps, hps)
+        self.optimizer.add(flat, [hp.weight_decay for hp in hps], self.step)
+        self.keep = torch.cat([self.keep, keep])
+        self.loss_sum = torch.zeros(len(self.hps) + len(hps), device=self.device)
+        self.model_hps += model_hps
+        self.hps += hps
+        self.shuffles += [torch.Generator(device=self.device).manual_seed(hp.seed) for hp in hps]

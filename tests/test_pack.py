@@ -160,3 +160,33 @@ def test_shape_key_groups_what_changes_shapes():
     assert shape_key("mlp", a) != shape_key("mlp", {**a, "batch_size": 128})
     assert shape_key("mlp", a) != shape_key("mlp", {**a, "hidden_sizes": [100, 40]})
     assert shape_key("mlp", a) != shape_key("mixer", a)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "mixer"])
+def test_refilled_member_trains_as_it_would_alone(model_name):
+    """A trial joining a running pack (refill, at an epoch boundary) starts its own schedule,
+    AdamW state and data order there: after one epoch it holds what a pack of it alone holds;
+    the member that stayed is unaffected by the join."""
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(2)
+    train_x = torch.randint(0, 256, (N, 28, 28), dtype=torch.uint8, generator=gen)
+    train_y = torch.randint(0, 10, (N,), generator=gen)
+    model_hp, batch = MODELS[model_name]
+    model_hp = {**model_hp, "dropout": 0.0}  # packs of different sizes draw different masks
+    hps = [TrainConfig(batch_size=batch, lr=lr, weight_decay=wd, schedule=sched, epochs=EPOCHS, seed=seed)
+           for _, lr, wd, sched, seed in MEMBERS]
+
+    def trained(pack, epochs):
+        for _ in range(epochs):
+            pack.run_epoch(pack.steps(train_x, train_y), train_x)
+        return pack
+
+    pack = trained(Pack(model_name, [model_hp] * 2, hps[:2], N, device), 1)
+    pack.keep_members([0])
+    pack.add_members([model_hp], [hps[2]])
+    trained(pack, 1)
+    assert pack.optimizer.starts == [0, pack.steps_per_epoch]
+    first = trained(Pack(model_name, [model_hp], hps[:1], N, device), 2)
+    joined = trained(Pack(model_name, [model_hp], hps[2:], N, device), 1)
+    torch.testing.assert_close(pack.optimizer.flat, torch.cat([first.optimizer.flat, joined.optimizer.flat]))
+    torch.testing.assert_close(pack.optimizer.exp_avg_sq[1:], joined.optimizer.exp_avg_sq)
