@@ -8,10 +8,14 @@ its own MLflow child run with the same params, per-epoch metrics, test accuracy 
 model (``Pack.member_model``: the ordinary model); the budget counts members. After each epoch
 every member reports; a pruned, diverged or finished member leaves, and the pack is compacted
 to the others (on the CPU a step costs in proportion to K, benchmarks/pack_throughput.py).
-A freed slot is refilled at the next epoch boundary by a waiting trial of the same shape group
-(asked in this round, not yet trained), so a group larger than K keeps one pack busy instead
-of starting a smaller second one. SIGTERM / Ctrl-C close every member's run KILLED and its
-trial FAIL (as a single trial's), a dead worker's members are retried by the next worker.
+Refill: at the epoch boundary where members leave, the pack asks Optuna for as many new
+trials as it has free slots (budget permitting, never more than K waiting); those of its shape
+group join at once (their schedule, AdamW state and epochs start there), the others wait for
+the next pack of the round and stop the refill (so none waits longer than one pack). On a
+GPU a step costs about the same below the auto size, so a refilled slot trains a trial almost
+for free where a new pack would pay its own steps (the CPU: in proportion, no gain or loss).
+SIGTERM / Ctrl-C close every member's run KILLED and its trial FAIL (as a single trial's); a
+dead worker's members are retried by the next worker.
 
 With ``--pack 1`` (the CPU's ``auto``) the worker runs today's ``study.optimize`` loop.
 """
@@ -235,14 +239,10 @@ class PackRound:
 
     def run(self) -> None:
         optuna.storages.fail_stale_trials(self.study)
-        count = count_budget(self.study.get_trials(deepcopy=False))
-        wanted = min(self.size, count.waiting + max(0, self.worker.settings.trials - count.used))
         with Heartbeats(self.study._storage) as beats:
             waiting: list[Member] = []
             try:
-                for _ in range(wanted):
-                    if (member := self.ask(beats)) is not None:
-                        waiting.append(member)
+                self.ask_more(waiting, beats, self.size)
                 while waiting:
                     self.train_group(waiting, beats)
             except BaseException as e:
@@ -250,6 +250,15 @@ class PackRound:
                     self.end(member, beats, record.KILLED if isinstance(e, KeyboardInterrupt) else record.FAILED,
                              record.error_text(e))
                 raise
+
+    def ask_more(self, waiting: list[Member], beats: Heartbeats, slots: int) -> None:
+        """Ask up to ``slots`` trials, as many as the budget leaves (retries first), keeping at
+        most one pack's worth waiting."""
+        count = count_budget(self.study.get_trials(deepcopy=False))
+        wanted = min(slots, self.size - len(waiting), count.waiting + max(0, self.worker.settings.trials - count.used))
+        for _ in range(wanted):
+            if (member := self.ask(beats)) is not None:
+                waiting.append(member)
 
     def _joining(self, waiting: list[Member], key: tuple, slots: int) -> list[Member]:
         joining = [m for m in waiting if m.key == key][:slots]
@@ -303,6 +312,10 @@ class PackRound:
                     else:
                         staying.append(i)
                 stop.raise_if_requested()
+                # refill: new trials of this group join now, others wait for the next pack; not while
+                # another group waits already, so no trial waits longer than this pack's run
+                if len(staying) < capacity and all(m.key == key for m in waiting):
+                    self.ask_more(waiting, beats, capacity - len(staying))
                 joining = self._joining(waiting, key, capacity - len(staying))
                 if len(staying) == len(live) and not joining:
                     continue
