@@ -286,9 +286,11 @@ class Pack:
         step: gather, forward, backward, AdamW). Make a new one after ``keep_members``."""
         inputs, targets = self.train_step.prepare(train_x, train_y)
         lrs, beta1s = self.schedule()
-        capture = self.device.type == "cuda" if capture is None else capture
+        rows = self.size * min(self.batch_size, len(inputs))
+        # the graph's static batch is K blocks of B rows from the data: K * B must not exceed it
+        capture = self.device.type == "cuda" and rows <= len(inputs) if capture is None else capture
         steps = GraphedSteps(self.train_step, self.optimizer, inputs, targets, lrs, beta1s, self.loss_sum,
-                             self.size * min(self.batch_size, len(inputs)), capture=capture)
+                             rows, capture=capture)
         return steps
 
     def epoch_order(self) -> torch.Tensor:

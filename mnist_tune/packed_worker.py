@@ -1,8 +1,12 @@
 """The worker's loop with trial packs (``mnist-tune study --pack K|auto``): K trials at a time.
 
 Each round asks Optuna for up to K trials at once (``study.ask``: TPE's constant liar keeps
-running trials apart), groups them by ``pack.shape_key`` and trains each group as one
-``pack.Pack``. Every member stays a trial as ``worker.Objective`` makes one: its own Optuna
+running trials apart): the first freely, the others enqueued with its shape-changing
+hyperparameters (batch size, widths, Mixer dims) fixed so the sampler proposes only what
+members may differ in; a sweep searching several shapes would otherwise scatter a round over
+packs of one or two (the Mixer sweep has 1620 shapes). Trials are grouped by
+``pack.shape_key`` (retries of other shapes make their own pack) and each group is trained as
+one ``pack.Pack``. Every member stays a trial as ``worker.Objective`` makes one: its own Optuna
 trial (heartbeats recorded here, one thread for the round, as ``optimize`` would per trial),
 its own MLflow child run with the same params, per-epoch metrics, test accuracy and exported
 model (``Pack.member_model``: the ordinary model); the budget counts members. After each epoch
@@ -157,6 +161,13 @@ class Member:
 
         return shape_key("", {**self.model_hp, **self.train_hp})
 
+    @property
+    def shape_params(self) -> dict:
+        """The searched hyperparameters that change shapes, as the trial's params."""
+        from mnist_tune.pack import PER_MEMBER
+
+        return {k: v for k, v in self.trial.params.items() if k not in PER_MEMBER}
+
 
 class PackRound:
     """One round: ask up to K trials, train them as packs, tell every result."""
@@ -242,7 +253,9 @@ class PackRound:
         with Heartbeats(self.study._storage) as beats:
             waiting: list[Member] = []
             try:
-                self.ask_more(waiting, beats, self.size)
+                # one shape per round: the first trial's shape, the others propose the rest
+                self.ask_more(waiting, beats, 1)
+                self.ask_more(waiting, beats, self.size - 1, waiting[0].shape_params if waiting else None)
                 while waiting:
                     self.train_group(waiting, beats)
             except BaseException as e:
@@ -251,12 +264,15 @@ class PackRound:
                              record.error_text(e))
                 raise
 
-    def ask_more(self, waiting: list[Member], beats: Heartbeats, slots: int) -> None:
+    def ask_more(self, waiting: list[Member], beats: Heartbeats, slots: int, shape: dict | None = None) -> None:
         """Ask up to ``slots`` trials, as many as the budget leaves (retries first), keeping at
-        most one pack's worth waiting."""
+        most one pack's worth waiting. With ``shape`` (searched hyperparameters that change
+        shapes) each is enqueued with those values fixed and the sampler proposes the rest."""
         count = count_budget(self.study.get_trials(deepcopy=False))
         wanted = min(slots, self.size - len(waiting), count.waiting + max(0, self.worker.settings.trials - count.used))
         for _ in range(wanted):
+            if shape:
+                self.study.enqueue_trial(shape, skip_if_exists=False)
             if (member := self.ask(beats)) is not None:
                 waiting.append(member)
 
@@ -274,7 +290,7 @@ class PackRound:
         from mnist_tune.pack import Pack
         from mnist_tune.train import EpochMetrics, TrainConfig
 
-        key = waiting[0].key
+        key, shape = waiting[0].key, waiting[0].shape_params
         batch_size = waiting[0].train_hp.get("batch_size", 100)
         n_train = len(self.data.train_x)
         capacity = max(1, min(self.size, n_train // batch_size))  # K * B rows per step must fit the data
@@ -315,7 +331,7 @@ class PackRound:
                 # refill: new trials of this group join now, others wait for the next pack; not while
                 # another group waits already, so no trial waits longer than this pack's run
                 if len(staying) < capacity and all(m.key == key for m in waiting):
-                    self.ask_more(waiting, beats, capacity - len(staying))
+                    self.ask_more(waiting, beats, capacity - len(staying), shape)
                 joining = self._joining(waiting, key, capacity - len(staying))
                 if len(staying) == len(live) and not joining:
                     continue

@@ -1,6 +1,6 @@
 """`mnist-tune study --pack 4` on the CPU records what a sequential study records: one child
-run per member under the one parent, the same states, params, per-epoch metrics and
-reloadable models (the random sampler proposes the same points to both)."""
+run per member under the one parent, trial states, params, per-epoch metrics and reloadable
+models, checked trial by trial against Optuna as for a sequential study (test_study.py)."""
 
 import mlflow
 import optuna
@@ -44,14 +44,16 @@ def test_pack_study_records_what_a_sequential_one_does(synthetic_env, tmp_path):
     study, client, parent, runs = check_study_matches_mlflow(storage, tracking, "tiny", expect_trials=6)
     seq, _, seq_parent, seq_runs = check_study_matches_mlflow(storage, tracking, "seq", expect_trials=6)
     assert parent.info.status == seq_parent.info.status == "FINISHED"
-    assert {t.state.name for t in study.trials} == {"COMPLETE", "PRUNED", "FAIL"}
-    for t, s in zip(study.trials, seq.trials):
-        assert (t.number, t.params, t.state) == (s.number, s.params, s.state)
-        if t.state.name == "COMPLETE":  # a pruned member may go an epoch further: its pack-mates
-            assert sorted(t.intermediate_values) == sorted(s.intermediate_values)  # had not completed yet
-        assert sorted(t.user_attrs) == sorted(s.user_attrs)
-        mine = child_layout(client, runs[t.number].info.run_id)
-        theirs = child_layout(client, seq_runs[s.number].info.run_id)
+    assert {t.state.name for t in study.trials} == {t.state.name for t in seq.trials} == {"COMPLETE", "PRUNED", "FAIL"}
+    # a round's members share its first trial's batch size (one pack); the sampler proposed the rest
+    rounds = [study.trials[:4], study.trials[4:]]
+    assert all(len({t.params["batch_size"] for t in r}) == 1 for r in rounds)
+    assert len({t.params["lr"] for t in study.trials}) > 1
+    layouts = {s.state: child_layout(client, seq_runs[s.number].info.run_id) for s in seq.trials}
+    for t in study.trials:
+        assert sorted(t.params) == sorted(seq.trials[0].params)
+        assert sorted(t.user_attrs) == sorted(next(s for s in seq.trials if s.state == t.state).user_attrs)
+        mine, theirs = child_layout(client, runs[t.number].info.run_id), layouts[t.state]
         assert mine[0] == theirs[0] and mine[1] == theirs[1] and mine[3] == theirs[3]
         assert set(mine[2]) - {"mlflow.loggedArtifacts"} == set(theirs[2]) - {"mlflow.loggedArtifacts"}
     # every completed member's model reloads with plain MLflow and scores its logged test accuracy
