@@ -270,8 +270,8 @@ class PackRound:
         shapes) each is enqueued with those values fixed and the sampler proposes the rest."""
         count = count_budget(self.study.get_trials(deepcopy=False))
         wanted = min(slots, self.size - len(waiting), count.waiting + max(0, self.worker.settings.trials - count.used))
-        for _ in range(wanted):
-            if shape:
+        for i in range(wanted):
+            if shape and i >= count.waiting:  # ask pops waiting trials (retries) first: no enqueue for those
                 self.study.enqueue_trial(shape, skip_if_exists=False)
             if (member := self.ask(beats)) is not None:
                 waiting.append(member)

@@ -2,10 +2,13 @@
 run per member under the one parent, trial states, params, per-epoch metrics and reloadable
 models, checked trial by trial against Optuna as for a sequential study (test_study.py)."""
 
+import os
+
 import mlflow
 import optuna
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from mnist_tune.data import load_test_split
 from mnist_tune.models import as_input
@@ -73,3 +76,89 @@ def test_pack_option_rejects_bad_values(synthetic_env, tmp_path):
     assert proc.returncode == 2
     assert "'0' is not auto or a positive integer" in proc.stderr
     assert not (tmp_path / "mlruns").exists()  # nothing written
+
+
+SIGNAL_SWEEP = """
+name: signal
+model: mlp
+study: {sampler: {name: random, seed: 0}}
+train: {epochs: 50, val_size: 200}
+fixed: {hidden_sizes: [32], batch_size: 50}
+space:
+  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
+def test_sigterm_ends_every_member_as_a_single_trial(synthetic_env, tmp_path):
+    """SIGTERM during a pack: every member's trial FAIL (Interrupted), its run KILLED, as the
+    one trial of a sequential worker; nothing left RUNNING in either store."""
+    import signal
+
+    from sqlalchemy import event
+
+    from mnist_tune.config import sweep_for
+    from mnist_tune.data import load_mnist
+    from mnist_tune.stop import Interrupted
+    from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
+
+    (tmp_path / "signal.yaml").write_text(SIGNAL_SWEEP)
+    worker = Worker(sweep_for(None, str(tmp_path / "signal.yaml")),
+                    WorkerSettings(trials=3, storage=optuna_storage(tmp_path), plots=False), Tracker(None),
+                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"))
+    worker.pack = 3
+    worker.open()
+    sent = []
+
+    @event.listens_for(worker.storage.engine, "before_cursor_execute")
+    def signal_mid_write(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO trial_intermediate_values") and not sent:
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        worker.run()
+    worker.interrupted()
+    trials = optuna.load_study(study_name="signal", storage=optuna_storage(tmp_path)).trials
+    assert len(trials) == 3 and len({t.params["lr"] for t in trials}) == 3
+    client = MlflowClient(embedded_tracking(tmp_path))
+    for trial in trials:
+        assert trial.state.name == "FAIL" and "Interrupted" in trial.user_attrs["error"]
+        assert list(trial.intermediate_values) == [1]  # each member reported its first epoch
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["mnist_tune.state"] == "FAIL"
+    assert client.get_run(worker.record.parent_run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow  # two workers through the CLI
+def test_killed_pack_worker_members_are_failed_and_retried(synthetic_env, tmp_path):
+    """kill -9 mid-pack, then the same command: every member is FAIL, its run FAILED, and
+    retried once (a retry is trained in a pack of its own shape) as a single trial is."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from helpers import run_cli as cli
+    from test_workers import WORKER_SWEEP, start_worker, wait_for_running_trial
+
+    (tmp_path / "multi.yaml").write_text(WORKER_SWEEP)
+    env = {**synthetic_env, "OMP_NUM_THREADS": "1"}
+    args = ["--trials", 2, "--epochs", 150, "--pack", 2]
+    storage = optuna_storage(tmp_path)
+    first = start_worker(env, *args)
+    try:
+        wait_for_running_trial(storage, "multi")
+        first.kill()
+    finally:
+        first.communicate(timeout=60)
+    killed = [t for t in optuna.load_study(study_name="multi", storage=storage).trials]
+    assert [t.state.name for t in killed] == ["RUNNING", "RUNNING"]
+    proc = cli("study", "--sweep", "multi.yaml", "--no-plots", *args, env=env, check=False)
+    assert "2/2 trials" in proc.stdout, proc.stderr
+    study = optuna.load_study(study_name="multi", storage=storage)
+    client = MlflowClient(embedded_tracking(tmp_path))
+    for dead in killed:
+        assert f"trial {dead.number}: its worker died" in proc.stderr
+        assert study.trials[dead.number].state.name == "FAIL"
+        assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+        retries = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == dead.number]
+        assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    assert "RUNNING" not in {t.state.name for t in study.trials}
