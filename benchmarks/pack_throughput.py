@@ -68,6 +68,9 @@ def run_study(sweep, pack, seed: int, trials: int, data, device, log) -> dict:
             "failed": count.failed, "mlflow_s": tracker.seconds}
 
 
+CLOCK = time.perf_counter  # --clock process: this process's CPU time (steadier on a busy CPU, with --threads 1)
+
+
 def step_seconds(pack, steps, order, n: int) -> float:
     def sync():
         if pack.device.type == "cuda":
@@ -76,11 +79,11 @@ def step_seconds(pack, steps, order, n: int) -> float:
     for s in range(2):
         steps(pack.batch(order, s % pack.steps_per_epoch), s)
     sync()
-    started = time.perf_counter()
+    started = CLOCK()
     for s in range(n):
         steps(pack.batch(order, s % pack.steps_per_epoch), s % (pack.epochs * pack.steps_per_epoch))
     sync()
-    return (time.perf_counter() - started) / n
+    return (CLOCK() - started) / n
 
 
 def pruning_costs(sweep, data, device, k: int = 16, n: int = 30) -> dict:
@@ -99,15 +102,15 @@ def pruning_costs(sweep, data, device, k: int = 16, n: int = 30) -> dict:
     pack = Pack(sweep.model, [model_hp] * k, hps, len(data.train_x), device)
     order = pack.epoch_order()
     full = step_seconds(pack, pack.steps(data.train_x, data.train_y), order, n)
-    started = time.perf_counter()
+    started = CLOCK()
     pack.keep_members(list(range(k // 2)))
     steps = pack.steps(data.train_x, data.train_y)
-    compaction = time.perf_counter() - started
+    compaction = CLOCK() - started
     half = step_seconds(pack, steps, order[:k // 2], n)
-    started = time.perf_counter()
+    started = CLOCK()
     pack.add_members([model_hp] * (k - k // 2), hps[k // 2:])
     steps = pack.steps(data.train_x, data.train_y)
-    refill = time.perf_counter() - started
+    refill = CLOCK() - started
     refilled = step_seconds(pack, steps, pack.epoch_order(), n)
     return {"shape": {**model_hp, "batch_size": train_hp.get("batch_size")}, "k": k,
             "masked_step_s": full, "masked_member_step_s": full / (k // 2),
@@ -134,6 +137,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prune-pack", type=int, default=16, help="pack size of the pruning measurement")
     parser.add_argument("--prune-steps", type=int, default=30, help="steps timed per variant there")
+    parser.add_argument("--pruning-only", action="store_true", help="only the pruning measurement, no studies")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="the pruning measurement's clock: process = this process's CPU time")
     parser.add_argument("--quick", action="store_true",
                         help="--packs 1,4 --seeds 0 --trials 8 --epochs 1 --train-subset 2000 --val-size 500 "
                              "--prune-pack 8 --prune-steps 5")
@@ -150,6 +157,10 @@ def main() -> None:
     from mnist_tune.packed_worker import parse_pack
     from mnist_tune.train import resolve_device
 
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     packs = [parse_pack(p) for p in args.packs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -162,7 +173,7 @@ def main() -> None:
         data = subset(load_mnist(args.data_dir, val_size=sweep.val_size, seed=sweep.seed), args.train_subset)
         data = data.to(device)
         rows = {}
-        for pack in packs:
+        for pack in [] if args.pruning_only else packs:
             for seed in seeds:
                 row = run_study(sweep, pack, seed, args.trials, data, device, log=print)
                 row["sweep"] = sweep.name
@@ -172,35 +183,44 @@ def main() -> None:
                       f"{row['trials_per_hour']:.0f} trials/h, best val {row['best_val']:.4f} test "
                       f"{row['best_test']:.4f} ({row['complete']} complete, {row['pruned']} pruned, "
                       f"{row['failed']} failed; MLflow {row['mlflow_s']:.0f} s)", flush=True)
-        base = statistics.mean(r["trials_per_hour"] for r in rows[packs[0]])
-        print(f"\n{sweep.name}: {args.trials} trials per study, ratios against pack {packs[0]} of this run")
-        base_untracked = statistics.mean(r["untracked_per_hour"] for r in rows[packs[0]])
-        print(f"{'pack':>6} {'K':>4} {'trials/h':>10} {'ratio':>6} {'w/o MLflow':>11} {'ratio':>6}  "
-              f"{'best val':>17}  {'best test':>17}")
-        for pack, runs in rows.items():
-            tph = statistics.mean(r["trials_per_hour"] for r in runs)
-            untracked = statistics.mean(r["untracked_per_hour"] for r in runs)
-            print(f"{pack!s:>6} {runs[0]['resolved']:>4} {tph:>10.0f} {tph / base:>6.2f} {untracked:>11.0f} "
-                  f"{untracked / base_untracked:>6.2f}  {mean_std([r['best_val'] for r in runs]):>17}  "
-                  f"{mean_std([r['best_test'] for r in runs]):>17}")
+        if rows:
+            print_table(sweep.name, args.trials, packs, rows)
         costs = pruning_costs(sweep, data, device, args.prune_pack, args.prune_steps)
         costs["sweep"] = sweep.name
         results["pruning"].append(costs)
-        print(f"\n{sweep.name}: a pack of {costs['k']} ({costs['shape']}) after half its members were pruned:\n"
-              f"  masked     {costs['masked_step_s'] * 1e3:8.2f} ms/step  "
-              f"{costs['masked_member_step_s'] * 1e3:8.3f} ms per live member-step\n"
-              f"  compacted  {costs['compacted_step_s'] * 1e3:8.2f} ms/step  "
-              f"{costs['compacted_member_step_s'] * 1e3:8.3f} ms per live member-step  "
-              f"(compaction {costs['compaction_s'] * 1e3:.1f} ms, repaid after "
-              f"{repaid if (repaid := costs['compaction_pays_after_steps']) is None else round(repaid, 1)} "
-              "steps; None: the compacted step was not faster)\n"
-              f"  refilled   {costs['refilled_step_s'] * 1e3:8.2f} ms/step  "
-              f"{costs['refilled_member_step_s'] * 1e3:8.3f} ms per member-step  "
-              f"(adding {costs['k'] - costs['k'] // 2} members {costs['refill_s'] * 1e3:.1f} ms)\n", flush=True)
+        print_pruning(sweep.name, costs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pack_throughput.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"raw results: {out / 'pack_throughput.json'}")
+
+
+def print_table(name: str, trials: int, packs: list, rows: dict) -> None:
+    base = statistics.mean(r["trials_per_hour"] for r in rows[packs[0]])
+    base_untracked = statistics.mean(r["untracked_per_hour"] for r in rows[packs[0]])
+    print(f"\n{name}: {trials} trials per study, ratios against pack {packs[0]} of this run")
+    print(f"{'pack':>6} {'K':>4} {'trials/h':>10} {'ratio':>6} {'w/o MLflow':>11} {'ratio':>6}  "
+          f"{'best val':>17}  {'best test':>17}")
+    for pack, runs in rows.items():
+        tph = statistics.mean(r["trials_per_hour"] for r in runs)
+        untracked = statistics.mean(r["untracked_per_hour"] for r in runs)
+        print(f"{pack!s:>6} {runs[0]['resolved']:>4} {tph:>10.0f} {tph / base:>6.2f} {untracked:>11.0f} "
+              f"{untracked / base_untracked:>6.2f}  {mean_std([r['best_val'] for r in runs]):>17}  "
+              f"{mean_std([r['best_test'] for r in runs]):>17}")
+
+
+def print_pruning(name: str, costs: dict) -> None:
+    repaid = costs["compaction_pays_after_steps"]
+    print(f"\n{name}: a pack of {costs['k']} ({costs['shape']}) after half its members were pruned:\n"
+          f"  masked     {costs['masked_step_s'] * 1e3:8.2f} ms/step  "
+          f"{costs['masked_member_step_s'] * 1e3:8.3f} ms per live member-step\n"
+          f"  compacted  {costs['compacted_step_s'] * 1e3:8.2f} ms/step  "
+          f"{costs['compacted_member_step_s'] * 1e3:8.3f} ms per live member-step  "
+          f"(compaction {costs['compaction_s'] * 1e3:.1f} ms, repaid after "
+          + (f"{repaid:.1f} steps)" if repaid is not None else "never: the compacted step was not faster)")
+          + f"\n  refilled   {costs['refilled_step_s'] * 1e3:8.2f} ms/step  "
+          f"{costs['refilled_member_step_s'] * 1e3:8.3f} ms per member-step  "
+          f"(adding {costs['k'] - costs['k'] // 2} members {costs['refill_s'] * 1e3:.1f} ms)\n", flush=True)
 
 
 if __name__ == "__main__":

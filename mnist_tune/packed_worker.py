@@ -70,7 +70,7 @@ def resolve_pack(requested: int | str, sweep, data, device, log) -> int:
     step stays under PACK_STEP_BOUND_S and whose memory fits, from a short dry run (logged)."""
     if requested != "auto":
         return requested
-    if device.type != "cuda":
+    if device.type != "cuda" or pack_problem(sweep):  # auto packs only what can be packed
         return 1
     import torch
 

@@ -266,7 +266,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     from mnist_tune.train import resolve_device
 
     started = time.perf_counter()
-    if settings.pack != 1 and (problem := pack_problem(sweep)):
+    if settings.pack not in (1, "auto") and (problem := pack_problem(sweep)):
         raise MnistTuneError(problem)
     torch_device = resolve_device(device)
     if threads:
