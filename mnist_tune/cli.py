@@ -62,6 +62,15 @@ def _existing_study(storage_url: str | None, name: str):
     return load_existing_study(open_existing_storage(storage_url), name)
 
 
+def _pack_size(value: str):
+    from mnist_tune.packed_worker import parse_pack
+
+    try:
+        return parse_pack(value)
+    except MnistTuneError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 class _Stopped(Exception):
     """Carries Ctrl-C/SIGTERM past click, which would turn it into a bare Abort."""
 
@@ -176,6 +185,9 @@ def train(model_name, device, val_size, experiment, run_name, data_dir, tracking
               help="First SIGTERM/Ctrl-C finishes the current trial before stopping (a second one aborts).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads [default: all cores]; use cores/workers when several run on one host.")
+@click.option("--pack", default="auto", callback=lambda ctx, param, value: _pack_size(value),
+              help="Trials trained at once as one fused model (same shapes); auto: 1 on the CPU, on CUDA "
+                   "the most that fit a short dry run.")
 @data_dir_option
 @storage_options
 def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, data_dir, storage, storage_file,

@@ -78,8 +78,7 @@ class FlatAdamW:
         self.step_with(torch.tensor(self._row(lr, beta1, self.step_count), device=self.flat.device))
 
     def _row(self, lr: float, beta1: float, t: int) -> tuple[float, float, float, float]:
-        """Step t's coefficients: -lr*wd, 1 - beta1, -lr / bias correction 1, 1 / sqrt(bias correction 2)."""
-        return -lr * self.weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t)
+        return adamw_row(lr, beta1, t, self.weight_decay)
 
     def schedule_rows(self, lrs: list[float], beta1s: list[float]) -> torch.Tensor:
         """The whole schedule as one device tensor, a row of step coefficients per step, for
@@ -106,6 +105,12 @@ class FlatAdamW:
         for p in self.params:
             p.data = p.data.clone()
             p.grad = None
+
+
+def adamw_row(lr: float, beta1: float, t: int, weight_decay: float) -> tuple[float, float, float, float]:
+    """Step t's coefficients for ``step_with``: -lr*wd, 1 - beta1, -lr / bias correction 1,
+    1 / sqrt(bias correction 2) (also the rows of a trial pack's per-member table, pack.py)."""
+    return -lr * weight_decay, 1 - beta1, -lr / (1 - beta1 ** t), 1 / math.sqrt(1 - BETA2 ** t)
 
 
 def schedule_table(schedule: str, lr: float, total_steps: int) -> tuple[list[float], list[float]]:

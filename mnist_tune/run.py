@@ -52,11 +52,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
     ``on_epoch`` raises (the study raises optuna.TrialPruned)."""
     seed_everything(hp.seed)
     model = build_model(model_name, **model_hp)
-    tracker.log_params(run_id, {**model_params(model_name, model_hp), **asdict(hp),
-                                "device": device.type,
-                                "parameters": sum(p.numel() for p in model.parameters())})
-    if data.lineage:
-        tracker.log_datasets(run_id, dataset_inputs(data))
+    log_run_params(tracker, run_id, model_name, model_hp, hp, data, device, model)
     epochs = bar(hp.epochs, f"{model_name} epochs", "epoch", position=progress_position, leave=False)
 
     def after_epoch(epoch: int, metrics: EpochMetrics) -> None:
@@ -79,6 +75,16 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
         _flush_epoch_metrics(tracker, run_id)
     outcome.model_uri = tracker.models.log_model(run_id, model, input_example(data))
     return outcome
+
+
+def log_run_params(tracker: Tracker, run_id: str, model_name: str, model_hp: dict, hp: TrainConfig,
+                   data: MNISTSplits, device: torch.device, model: torch.nn.Module) -> None:
+    """The run's params and dataset inputs (a trial pack's members log theirs here too)."""
+    tracker.log_params(run_id, {**model_params(model_name, model_hp), **asdict(hp),
+                                "device": device.type,
+                                "parameters": sum(p.numel() for p in model.parameters())})
+    if data.lineage:
+        tracker.log_datasets(run_id, dataset_inputs(data))
 
 
 def train_run(tracker: Tracker, experiment: str, run_name: str, model_name: str, model_hp: dict,

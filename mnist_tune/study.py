@@ -64,6 +64,7 @@ class WorkerSettings:
     max_failures: int | None = None  # real failures (exceptions, NaN) that stop the worker
     finish_trial_on_signal: bool = False  # first SIGTERM/SIGINT: finish the current trial, then stop
     plots: bool = True  # on the parent run: updated as trials finish (HTML), PNGs too at the end
+    pack: int | str = 1  # trials trained at once as one fused model, or "auto" (packed_worker.py)
 
     def __post_init__(self):
         if self.grace_period <= self.heartbeat_interval:  # else live workers would be declared dead

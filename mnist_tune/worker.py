@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_tune import record, stop
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.packed_worker import pack_problem, resolve_pack, run_pack_round
 from mnist_tune.progress import bar
 from mnist_tune.space import suggest
 from mnist_tune.stores import first_line, resolve_storage, sqlite_path
@@ -124,6 +125,7 @@ class Worker:
         self.record: record.StudyRecord | None = None
         self.objective: Objective | None = None
         self.trials_run = 0
+        self.pack = 1  # trials per pack (run_study resolves --pack); 1: one trial at a time, optimize
 
     def open(self) -> None:
         self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
@@ -200,6 +202,9 @@ class Worker:
                 if count.failed >= max_failures:
                     raise MnistTuneError(f"study {self.name!r}: {count.failed} trials failed (limit {max_failures}); "
                                          f"see the {record.ERROR} tags of their MLflow runs")
+                if self.pack > 1:  # K trials at once as fused packs (packed_worker.py)
+                    run_pack_round(self, self.pack, trials_bar)
+                    continue
                 self.study.optimize(self.objective, n_trials=1, catch=(Exception,),
                                     callbacks=[lambda study, trial: self._after_trial(trial, trials_bar)])
             if stop.finish_requested():
@@ -261,6 +266,8 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     from mnist_tune.train import resolve_device
 
     started = time.perf_counter()
+    if settings.pack not in (1, "auto") and (problem := pack_problem(sweep)):
+        raise MnistTuneError(problem)
     torch_device = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -271,6 +278,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
         # Moved to the device once per worker, not once per trial; meanwhile the MLflow store
         # opens and the helper process imports.
         worker.data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
+        worker.pack = resolve_pack(settings.pack, sweep, worker.data, torch_device, worker.log)
         worker.open()
         try:
             count = worker.run()
