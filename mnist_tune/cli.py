@@ -188,6 +188,14 @@ def train(model_name, device, val_size, experiment, run_name, data_dir, tracking
 @click.option("--pack", default="auto", callback=lambda ctx, param, value: _pack_size(value),
               help="Trials trained at once as one fused model (same shapes); auto: 1 on the CPU, on CUDA "
                    "the most that fit a short dry run.")
+@click.option("--max-params", type=click.IntRange(min=1), default=None,
+              help="Multi-objective sweeps: the champion's limit on trainable parameters (also the sampler's).")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Multi-objective sweeps: the champion's limit on batch-1 CPU latency (also the sampler's).")
+@click.option("--confirm-top", type=click.IntRange(min=0), default=0,
+              help="After the budget, retrain the top K configurations with new seeds (0: off).")
+@click.option("--confirm-seeds", type=click.IntRange(min=1), default=None,
+              help="New seeds per confirmed configuration; the champion is the best mean  [default: 3].")
 @data_dir_option
 @storage_options
 def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, data_dir, storage, storage_file,
@@ -207,6 +215,10 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
     if settings["study_name"] is None:
         check_name(sweep.name, f"{sweep.path}: name")
     settings = WorkerSettings(storage=storage, plots=not no_plots, **settings)
+    from mnist_tune import confirm, pareto
+
+    pareto.check_settings(sweep, settings)
+    confirm.check_settings(settings)
     from mnist_tune.worker import run_study  # torch and MLflow: only once the input is known good
 
     for line in run_study(sweep, settings, tracking_uri, data_dir, device, threads,
@@ -222,10 +234,12 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
 def best(study_name, as_json, fmt, storage, storage_file, tracking_uri, tracking_uri_file):
     """The best trial: number, params, val/test accuracy, MLflow run id."""
     from mnist_tune.output import best_table, render
+    from mnist_tune.pareto import csv_rows
     from mnist_tune.study import best_record
 
     found = _existing_study(_urls(storage, storage_file, tracking_uri, tracking_uri_file)[0], study_name)
-    click.echo(render(best_record(found), "json" if as_json else fmt, best_table))
+    shown, fmt = best_record(found), "json" if as_json else fmt
+    click.echo(render(csv_rows(shown) if fmt == "csv" and "pareto" in shown else shown, fmt, best_table))
 
 
 @cli.command()

@@ -52,6 +52,11 @@ from mnist_tune.tunables import MODEL_NAMES, TUNABLES, sweep_names, tunables_for
 # so an installed package finds them as a checkout does.
 SWEEPS_DIR = Path(str(resources.files("mnist_tune").joinpath("sweeps")))
 METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
+# What a multi-objective sweep may trade off (study.objectives), each with its only sensible
+# direction: the validation metrics, trainable parameters, the exported model's median CPU
+# latency for a batch of 1 (latency_ms) and of 256 (latency_256_ms), and seconds per epoch.
+OBJECTIVE_METRICS = {**METRICS, "params": "minimize", "latency_ms": "minimize", "latency_256_ms": "minimize",
+                     "epoch_seconds": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
 
 
@@ -185,6 +190,12 @@ class Grid(_Component):
     seed: Int | None = None
 
 
+class NSGA2(_Component):
+    name: Literal["nsga2"]
+    seed: Int | None = None
+    population_size: Int | None = None
+
+
 class Median(_Component):
     name: Literal["median"]
     n_startup_trials: Int | None = None
@@ -209,27 +220,48 @@ class NoPruner(_Component):
     name: Literal["none"]
 
 
-SAMPLERS = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in (TPE, RandomSampler, GP, CmaEs, Grid)}
+SAMPLERS = {cls.model_fields["name"].annotation.__args__[0]: cls
+            for cls in (TPE, RandomSampler, GP, CmaEs, Grid, NSGA2)}
 PRUNERS = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in (Median, Hyperband, NoPruner)}
 Sampler = Annotated[Union[tuple(SAMPLERS.values())], Field(discriminator="name"), BeforeValidator(_component_mapping)]
 Pruner = Annotated[Union[tuple(PRUNERS.values())], Field(discriminator="name"), BeforeValidator(_component_mapping)]
 
 
+class ObjectiveSpec(_Schema):
+    metric: Annotated[str, _one_of(OBJECTIVE_METRICS)]
+    direction: str | None = None  # default: the metric's
+
+    @field_validator("direction", mode="plain")
+    @classmethod
+    def _direction(cls, value, info):
+        return _metric_direction(value, info.data.get("metric"), OBJECTIVE_METRICS)
+
+
+def _objective_list(value):
+    if not isinstance(value, list) or len(value) < 2:
+        raise _problem("must list two or more objectives, e.g. [{metric: val_acc}, {metric: params}]")
+    return value
+
+
 class StudySection(_Schema):
     metric: Annotated[str, _one_of(METRICS)] = "val_acc"
     direction: str | None = None  # default: the metric's
+    objectives: Annotated[tuple[ObjectiveSpec, ...], BeforeValidator(_objective_list)] | None = None
     sampler: Sampler = TPE(name="tpe")
     pruner: Pruner = Median(name="median")
 
     @field_validator("direction", mode="plain")
     @classmethod
     def _direction(cls, value, info):
-        if value not in ("maximize", "minimize"):
-            raise _problem(f"{value!r} is not maximize or minimize")
-        metric = info.data.get("metric")
-        if metric in METRICS and value != METRICS[metric]:
-            raise _problem(f"{metric} should be {METRICS[metric]}d, not {value}d")
-        return value
+        return _metric_direction(value, info.data.get("metric"), METRICS)
+
+
+def _metric_direction(value, metric, metrics: dict) -> str:
+    if value not in ("maximize", "minimize"):
+        raise _problem(f"{value!r} is not maximize or minimize")
+    if metric in metrics and value != metrics[metric]:
+        raise _problem(f"{metric} should be {metrics[metric]}d, not {value}d")
+    return value
 
 
 def _count(value):
@@ -279,6 +311,8 @@ def _schema_at(loc: tuple) -> type[BaseModel] | None:
         return SweepFile
     if loc[0] == "study" and len(loc) == 2:
         return StudySection
+    if loc[:2] == ("study", "objectives") and len(loc) == 4:
+        return ObjectiveSpec
     if loc[0] == "train" and len(loc) == 2:
         return TrainSection
     if loc[0] == "space" and len(loc) == 4:
@@ -349,12 +383,18 @@ class Sweep:
     fixed: dict = field(default_factory=dict)
     space: tuple[Param, ...] = ()
     description: str = ""
+    # Multi-objective sweeps: ((metric, direction), ...); then metric/direction above are its
+    # validation objective's. Empty for single-objective sweeps.
+    objectives: tuple[tuple[str, str], ...] = ()
 
     def definition(self) -> dict:
         """What defines the study: a rerun under the same name must match it."""
-        return {"model": self.model, "direction": self.direction, "metric": self.metric,
-                "epochs": self.epochs, "val_size": self.val_size, "fixed": self.fixed,
-                "space": [asdict(p) for p in self.space]}
+        defined = {"model": self.model, "direction": self.direction, "metric": self.metric,
+                   "epochs": self.epochs, "val_size": self.val_size, "fixed": self.fixed,
+                   "space": [asdict(p) for p in self.space]}
+        if self.objectives:  # only here, so single-objective fingerprints stay as they were
+            defined["objectives"] = [{"metric": m, "direction": d} for m, d in self.objectives]
+        return defined
 
     def fingerprint(self) -> str:
         """Stored in every study: keep this text byte for byte (tests/test_config.py pins it)."""
@@ -531,6 +571,8 @@ def load_sweep(path: str | Path) -> Sweep:
         if problem:
             problems.add(key, problem)
         space.append(param)
+    if parsed is not None and parsed.study.objectives:
+        _objective_problems(problems, parsed.study)
     if parsed is not None and parsed.study.sampler.name == "grid":
         for param in space:
             if finite_values(param) is None:
@@ -538,11 +580,30 @@ def load_sweep(path: str | Path) -> Sweep:
     problems.raise_if_any()
 
     study, train = parsed.study, parsed.train
-    return Sweep(name=parsed.name, model=model, path=str(path), direction=study.direction or METRICS[study.metric],
-                 metric=study.metric, sampler=study.sampler.model_dump(exclude_unset=True),
-                 pruner=study.pruner.model_dump(exclude_unset=True), epochs=train.epochs, val_size=train.val_size,
+    objectives = tuple((o.metric, o.direction or OBJECTIVE_METRICS[o.metric]) for o in study.objectives or ())
+    metric = next((m for m, _ in objectives if m in METRICS), study.metric)
+    return Sweep(name=parsed.name, model=model, path=str(path), direction=study.direction or METRICS[metric],
+                 metric=metric, sampler=study.sampler.model_dump(exclude_unset=True),
+                 pruner=study.pruner.model_dump(exclude_unset=True) if "pruner" in study.model_fields_set or
+                 not objectives else {"name": "none"}, epochs=train.epochs, val_size=train.val_size,
                  seed=train.seed, fixed={k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items()},
-                 space=tuple(space), description=str(parsed.description))
+                 space=tuple(space), description=str(parsed.description), objectives=objectives)
+
+
+def _objective_problems(problems: _Problems, study: StudySection) -> None:
+    """What a multi-objective study section cannot say alone: one validation objective (the
+    champion rule picks by it), no metric twice, and what Optuna cannot do with several."""
+    metrics = [o.metric for o in study.objectives]
+    if {"metric", "direction"} & study.model_fields_set:
+        problems.add("study.metric", "give either metric/direction or objectives, not both")
+    if len(set(metrics)) < len(metrics):
+        problems.add("study.objectives", f"lists a metric twice ({', '.join(metrics)})")
+    if sum(m in METRICS for m in metrics) != 1:
+        problems.add("study.objectives", f"needs exactly one of {', '.join(METRICS)} (the champion is chosen by it)")
+    if "pruner" in study.model_fields_set and study.pruner.name != "none":
+        problems.add("study.pruner", "Optuna cannot prune multi-objective studies: use none (the default there)")
+    if study.sampler.name == "cmaes":
+        problems.add("study.sampler", "cmaes optimises one objective only: use tpe, nsga2, random, gp or grid")
 
 
 def sweep_for(model: str | None, sweep_file: str | None) -> Sweep:

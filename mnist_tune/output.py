@@ -68,10 +68,16 @@ def columns(rows: list[dict], names: list[str], formats: dict | None = None, gap
 
 
 def best_table(best: dict) -> str:
+    from mnist_tune.confirm import table_lines
+    from mnist_tune.pareto import table
+
+    if "pareto" in best:  # a multi-objective study: its front and champion
+        return "\n".join([table(best), *table_lines(best.get("confirmed"))])
     lines = [f"study {best['study']}: best trial {best['trial']}", f"  {best['metric']:<10} {best['value']:.4f}",
              f"  test_acc   {best['test_acc']:.4f}" if best["test_acc"] is not None else "  test_acc   -",
              f"  run_id     {best['run_id']}", f"  model      {best[MODEL_URI_ATTR]}"]
-    return "\n".join(lines + [f"  {key:<10} {value}" for key, value in best["params"].items()])
+    return "\n".join(lines + [f"  {key:<10} {value}" for key, value in best["params"].items()]
+                     + table_lines(best.get("confirmed")))
 
 
 def status_table(status: dict) -> str:

@@ -447,3 +447,66 @@ def plot_lr_batch(data: _StudyData):
 
 PLOTS = {"history": plot_history, "importances": plot_importances, "parallel": plot_parallel,
          "curves": plot_curves, "lr_batch": plot_lr_batch}
+
+
+# ------------------------------------------------------------- multi-objective studies
+
+
+def write_pareto_plots(study: optuna.Study, folder: Path, *, png: bool = True,
+                       log: Callable[[str], None] | None = None) -> list[Path]:
+    """``pareto.html`` (Optuna's plot_pareto_front: hover shows each trial) and ``pareto.png``:
+    the validation objective against the first other one, every completed trial grey, the
+    front as a line, the champion (pareto.RULE) starred, a limit on the x metric dashed."""
+    from mnist_tune import pareto, record
+
+    objectives = pareto.objectives_of(study)
+    trials = pareto.complete_trials(study)
+    if not trials:
+        if log:
+            log("plot pareto skipped: needs 1 completed trial, the study has 0")
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    y = next(m for m, _ in objectives if m in ("val_acc", "val_loss"))
+    x = next(m for m, _ in objectives if m != y)
+    limits = study.user_attrs.get(record.LIMITS_ATTR, {})
+    names = [m for m, _ in objectives]
+    fig = optuna.visualization.plot_pareto_front(study, target_names=names) if len(names) <= 3 else \
+        optuna.visualization.plot_pareto_front(study, target_names=[x, y], targets=lambda t: (
+            t.values[names.index(x)], t.values[names.index(y)]))
+    fig.update_layout(title=f"study {study.study_name}: Pareto front ({', '.join(names)})")
+    page = folder / "pareto.html"
+    page.write_text(fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False}))
+    written = [page]
+    if not png:
+        return written
+    on_front = sorted(pareto.front(trials, objectives), key=lambda t: pareto.metrics_of(t)[x])
+    best = pareto.champion(study)
+
+    def draw(f):
+        ax = f.subplots()
+        ax.scatter([pareto.metrics_of(t)[x] for t in trials], [pareto.metrics_of(t)[y] for t in trials],
+                   color=GREY, s=18, label=f"completed trials ({len(trials)})")
+        ax.plot([pareto.metrics_of(t)[x] for t in on_front], [pareto.metrics_of(t)[y] for t in on_front],
+                "o-", color="#1f77b4", drawstyle="steps-post" if len(objectives) == 2 else "default",
+                label=f"Pareto front ({len(on_front)})")
+        for t in on_front:
+            ax.annotate(str(t.number), (pareto.metrics_of(t)[x], pareto.metrics_of(t)[y]), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points")
+        if best is not None:
+            ax.scatter([pareto.metrics_of(best)[x]], [pareto.metrics_of(best)[y]], marker="*", s=220,
+                       color="#d62728", zorder=4, label=f"champion: trial {best.number}")
+        if x in limits:
+            ax.axvline(limits[x], color="#d62728", linestyle="--", linewidth=1, label=f"{x} <= {limits[x]:g}")
+        if y == "val_acc" and on_front:  # failed-to-learn trials would squash the front into a line
+            ax.set_ylim(bottom=max(min(pareto.metrics_of(t)[y] for t in trials),
+                                   min(pareto.metrics_of(t)[y] for t in on_front) - 0.02))
+        if x in ("params", "latency_ms", "latency_256_ms"):
+            ax.set_xscale("log")
+        ax.set(title=f"study {study.study_name}: {y} vs {x}", xlabel=x, ylabel=y)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right" if y == "val_acc" else "upper right", fontsize=8)
+
+    path = folder / "pareto.png"
+    _save_png(draw, path)
+    return written + [path]

@@ -3,6 +3,7 @@
     experiment  <study name>                      one per study
     parent run  study-<study name>                role=study; best trial, plots, the sweep file
     child run   trial-<n>  (mlflow.parentRunId)   role=trial; params, per-epoch metrics, model
+    child run   confirm-<n>-seed<s>               role=confirmation; trial n retrained with seed s
     registry    mnist-<model>@champion            the best trial's model
 
 The Optuna study links back with user attributes (``PARENT_ATTR`` on the study, ``RUN_ATTR``
@@ -16,7 +17,10 @@ import contextlib
 import warnings
 
 # MLflow run tags
-ROLE = "mnist_tune.role"  # "study" (parent) or "trial" (child)
+ROLE = "mnist_tune.role"  # "study" (parent), "trial" or "confirmation" (children)
+CONFIRMATION = "confirmation"  # ROLE of a run retraining a top trial with a new seed (confirm.py)
+CONFIRMS_TRIAL = "mnist_tune.confirms_trial"  # on a confirmation run: the trial it retrains
+CONFIRM_SEED = "mnist_tune.confirm_seed"
 STUDY = "mnist_tune.study"
 TRIAL = "mnist_tune.trial"
 MODEL = "mnist_tune.model"
@@ -28,6 +32,7 @@ RETRY_OF = "mnist_tune.retry_of_trial"
 KIND = "mnist_tune.kind"  # "train" for a lone `mnist-tune train` run
 FINGERPRINT = "mnist_tune.sweep_fingerprint"
 BEST_TRIAL, BEST_RUN_ID = "best_trial", "best_run_id"  # on the parent run
+CONFIRMED_TRIAL, CONFIRMED_RUN_ID = "confirmed_trial", "confirmed_run_id"  # on the parent: the best mean
 DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
 # How to use a trial's model without this package (README "What lands in MLflow"; tested there).
 MODEL_CARD = ("Model: `runs:/<this run's id>/model` (a torch.export module). Reload with "
@@ -42,6 +47,11 @@ RUN_ATTR = "mlflow_run_id"  # trial -> its child run
 MODEL_URI_ATTR = "model_uri"
 TEST_ACC_ATTR = "test_acc"
 ERROR_ATTR = "error"
+OBJECTIVES_ATTR = "objective_metrics"  # trial (multi-objective): every metric measured, by name
+CONSTRAINTS_ATTR = "constraints"  # trial: constraint values, <= 0 where met (the sampler's constraints_func)
+LIMITS_ATTR = "champion_limits"  # study: --max-params / --max-latency-ms, as {metric: limit}
+CONFIRM_ATTR = "confirmation"  # study: the confirmation's state, seeds and results (confirm.py)
+CONFIRM_CLAIM_PREFIX = "confirmation_claim:"  # study: + "<host>:<pid>" -> when that worker claimed it
 CHAMPION = "champion"
 
 # How a run ends, as (MLflow status, Optuna state)
@@ -131,6 +141,11 @@ class StudyRecord:
         if retry_of is not None:
             tags[RETRY_OF] = retry_of
         return self.tracker.start_run(self.experiment_id, f"trial-{number}", self.parent_run_id, tags)
+
+    def start_confirmation(self, number: int, seed: int, model: str) -> str:
+        tags = {ROLE: CONFIRMATION, STUDY: self.study, CONFIRMS_TRIAL: number, CONFIRM_SEED: seed, MODEL: model,
+                DESCRIPTION: MODEL_CARD}
+        return self.tracker.start_run(self.experiment_id, f"confirm-{number}-seed{seed}", self.parent_run_id, tags)
 
     def close_stale(self, run_id: str, reason: str) -> None:
         """A run whose worker died: FAILED with the reason (nothing if already closed)."""

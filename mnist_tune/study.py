@@ -65,6 +65,10 @@ class WorkerSettings:
     finish_trial_on_signal: bool = False  # first SIGTERM/SIGINT: finish the current trial, then stop
     plots: bool = True  # on the parent run: updated as trials finish (HTML), PNGs too at the end
     pack: int | str = 1  # trials trained at once as one fused model, or "auto" (packed_worker.py)
+    max_params: int | None = None  # multi-objective constraints (pareto.py): the champion's limits,
+    max_latency_ms: float | None = None  # also the sampler's constraints_func
+    confirm_top: int = 0  # after the budget, retrain the top K configurations ... (confirm.py)
+    confirm_seeds: int | None = None  # ... with S new seeds each; the champion is the best mean
 
     def __post_init__(self):
         if self.grace_period <= self.heartbeat_interval:  # else live workers would be declared dead
@@ -208,17 +212,19 @@ def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> lis
 # --------------------------------------------------------------------- study set-up
 
 
-def make_sampler(sweep: Sweep, seed: int | None) -> optuna.samplers.BaseSampler:
+def make_sampler(sweep: Sweep, seed: int | None, **extra) -> optuna.samplers.BaseSampler:
+    """``extra``: options only a worker knows (a multi-objective study's constraints_func)."""
     from mnist_tune.space import grid
 
-    options = {k: v for k, v in sweep.sampler.items() if k != "name"}
+    options = {**{k: v for k, v in sweep.sampler.items() if k != "name"}, **extra}
     if seed is not None:
         options["seed"] = seed
     name = sweep.sampler["name"]
     if name == "grid":
         return optuna.samplers.GridSampler(grid(sweep), **options)
     return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-            "gp": optuna.samplers.GPSampler, "cmaes": optuna.samplers.CmaEsSampler}[name](**options)
+            "gp": optuna.samplers.GPSampler, "cmaes": optuna.samplers.CmaEsSampler,
+            "nsga2": optuna.samplers.NSGAIISampler}[name](**options)
 
 
 def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
@@ -240,7 +246,9 @@ def create_or_load(storage, sweep: Sweep, name: str, seed: int | None) -> optuna
             raise MnistTuneError(
                 f"study {name!r} was created from a different sweep (search space or settings differ from "
                 f"{sweep.path}); use another --study-name or the original sweep file")
-    study = optuna.create_study(storage=storage, study_name=name, direction=sweep.direction,
+    directions = [d for _, d in sweep.objectives] or None  # several: a multi-objective study
+    study = optuna.create_study(storage=storage, study_name=name, direction=None if directions else sweep.direction,
+                                directions=directions,
                                 sampler=make_sampler(sweep, seed), pruner=make_pruner(sweep), load_if_exists=True)
     if FINGERPRINT_ATTR not in study.user_attrs:
         study.set_user_attr(FINGERPRINT_ATTR, sweep.fingerprint())
@@ -288,6 +296,9 @@ def count_budget(trials: list[FrozenTrial], below: int | None = None) -> BudgetC
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best trial of a single-objective study; None for a multi-objective one (pareto.py)."""
+    if len(study.directions) > 1:
+        return None
     try:
         return study.best_trial
     except ValueError:  # no completed trial yet
@@ -325,19 +336,32 @@ def study_status(storage, name: str) -> StudyStatus:
 
 
 def best_record(study: optuna.Study) -> dict:
-    """The best trial as ``best`` prints it."""
+    """The best trial as ``best`` prints it (a multi-objective study: its Pareto front), and
+    the confirmed champion where the study confirmed its top configurations."""
+    from mnist_tune import confirm, pareto
+
+    if pareto.is_multi(study):
+        return {**pareto.best_record(study), "confirmed": confirm.summary(study)}
     trial = best_trial(study)
     if trial is None:
         raise MnistTuneError(f"study {study.study_name!r} has no completed trial yet")
     run_id = trial.user_attrs.get(record.RUN_ATTR)
     return {"study": study.study_name, "trial": trial.number, "metric": study_metric(study), "value": trial.value,
             "test_acc": trial.user_attrs.get(record.TEST_ACC_ATTR), "run_id": run_id,
-            record.MODEL_URI_ATTR: f"runs:/{run_id}/model", "params": trial.params}
+            record.MODEL_URI_ATTR: f"runs:/{run_id}/model", "params": trial.params,
+            **({"confirmed": confirmed} if (confirmed := confirm.summary(study)) else {})}
 
 
 def status_record(storage, name: str) -> dict:
+    from mnist_tune import pareto
+
     st = study_status(storage, name)
-    best = st.best and {"trial": st.best.number, "value": st.best.value,
+    study = optuna.load_study(study_name=name, storage=storage)
+    if pareto.is_multi(study):  # its champion (pareto.RULE) stands for the best, by its validation metric
+        st.best = pareto.champion(study)
+    value = st.best and (pareto.metrics_of(st.best).get(study_metric(study)) if pareto.is_multi(study)
+                         else st.best.value)
+    best = st.best and {"trial": st.best.number, "value": value,
                         "test_acc": st.best.user_attrs.get(record.TEST_ACC_ATTR),
                         "run_id": st.best.user_attrs.get(record.RUN_ATTR)}
     return {"study": name, "trials": st.by_state, "live_trials": [t.number for t in st.live],
@@ -350,15 +374,24 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     trial that did not complete), test accuracy, params, MLflow run id; completed trials
     first, best first, then the others by their last value."""
     metric = study_metric(study)
+    multi = len(study.directions) > 1
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get(SURPLUS_ATTR):
             continue
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        if multi and t.state == TrialState.COMPLETE:  # a multi-objective trial has one value per objective
+            last = t.user_attrs.get(record.OBJECTIVES_ATTR, {}).get(metric)
         rows.append({"trial": t.number, "state": t.state.name,
-                     metric: t.value if t.state == TrialState.COMPLETE else last,
+                     metric: t.value if t.state == TrialState.COMPLETE and not multi else last,
                      "test_acc": t.user_attrs.get(record.TEST_ACC_ATTR), **t.params,
                      "run_id": t.user_attrs.get(record.RUN_ATTR)})
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    if multi:
+        from mnist_tune.pareto import objectives_of
+
+        maximize = dict(objectives_of(study)).get(metric) == "maximize"
+    else:
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    sign = -1 if maximize else 1
     return sorted(rows, key=lambda r: (r["state"] != "COMPLETE", r[metric] is None, sign * (r[metric] or 0),
                                        r["trial"]))

@@ -19,7 +19,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_tune import record, stop
+from mnist_tune import confirm, pareto, record, stop
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.packed_worker import pack_problem, resolve_pack, run_pack_round
@@ -90,6 +90,8 @@ class Objective:
         trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
 
         def report(epoch, metrics):
+            if self.sweep.objectives:  # Optuna cannot report or prune multi-objective trials
+                return
             value = getattr(metrics, self.sweep.metric)
             trial.report(value, epoch)
             if trial.should_prune():
@@ -100,6 +102,10 @@ class Objective:
                                     self.data, self.device, on_epoch=report, progress_position=1)
             trial.set_user_attr(record.TEST_ACC_ATTR, outcome.test_acc)
             trial.set_user_attr(record.MODEL_URI_ATTR, outcome.model_uri)
+            if self.sweep.objectives:  # measured before the run closes, so a failure here fails it
+                values = pareto.measure(self.sweep, self.settings, self.tracker, trial, run_id, outcome, model_hp)
+        if self.sweep.objectives:
+            return values
         value = getattr(outcome.history[-1], self.sweep.metric)
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if all(self._better(value, t.value) for t in done if t.number != trial.number):
@@ -146,7 +152,8 @@ class Worker:
         # the first ones; concurrent workers (live trials) draw different points.
         seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
         seed += len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
+        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32,
+                                          **pareto.prepare(self.study, self.settings))
         self.record = record.StudyRecord.attach(
             self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(),
             study_params(self.sweep, self.name, self.settings.trials),
@@ -243,6 +250,10 @@ class Worker:
             report_champion(self.tracker, run_id, self.data)
             if self.settings.plots:
                 self._log_plots()
+        if self.sweep.objectives:
+            pareto.finish(self, trials, count)
+        if not confirm.run(self):
+            return  # another worker confirms the top configurations, then closes the parent run
         self.record.end("FINISHED")
 
     def _log_plots(self, png: bool = True) -> None:
@@ -301,13 +312,16 @@ def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
              f"{count.pruned} pruned, {count.failed} failed) in {wall:.0f} s"
              + (f"; this worker ran {worker.trials_run}" if worker.trials_run != count.finished else "")]
     best = best_trial(worker.study)
-    if best is None:
+    if worker.sweep.objectives:
+        lines += pareto.summary_lines(worker.study)
+    elif best is None:
         lines.append("no completed trial yet")
     else:
         run_id = best.user_attrs.get(record.RUN_ATTR, "?")
         lines += [f"best trial {best.number}: {worker.sweep.metric} {best.value:.4f}  test_acc "
                   f"{best.user_attrs.get(record.TEST_ACC_ATTR, math.nan):.4f}  run {run_id}",
                   f"model: runs:/{run_id}/model"]
+    lines += confirm.summary_lines(worker.study)
     top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
     lines.append(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall "
                  "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")"
@@ -328,6 +342,7 @@ def study_params(sweep: Sweep, name: str, budget: int) -> dict:
     return {"study_name": name, "sweep": sweep.name, "model": sweep.model, "metric": sweep.metric,
             "direction": sweep.direction, "sampler": sweep.sampler["name"], "pruner": sweep.pruner["name"],
             "epochs": sweep.epochs, "val_size": sweep.val_size, "budget": budget,
+            **({"objectives": ",".join(f"{m}:{d}" for m, d in sweep.objectives)} if sweep.objectives else {}),
             **{f"fixed.{k}": v for k, v in sweep.fixed.items()}}
 
 
@@ -359,10 +374,13 @@ def _report(tracker: Tracker, run_id: str, images, labels) -> None:
 
 
 def log_study_plots(tracker: Tracker, storage: str, name: str, metric: str, run_id: str, png: bool) -> None:
-    """Draw the study's plots (plots.py) and log them to its parent run."""
-    from mnist_tune.plots import write_study_plots
+    """Draw the study's plots (plots.py; a multi-objective study: its Pareto front) and log
+    them to its parent run."""
+    from mnist_tune.plots import write_pareto_plots, write_study_plots
 
     study = optuna.load_study(study_name=name, storage=storage)
     with tempfile.TemporaryDirectory() as folder:
-        for path in write_study_plots(study, Path(folder), metric, png=png):
+        paths = (write_pareto_plots(study, Path(folder), png=png) if pareto.is_multi(study)
+                 else write_study_plots(study, Path(folder), metric, png=png))
+        for path in paths:
             tracker.log_artifact(run_id, path, "plots")
