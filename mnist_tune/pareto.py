@@ -10,8 +10,10 @@ A sweep with ``study.objectives`` (config.py) makes a multi-objective Optuna stu
     front      the completed trials no other completed trial dominates on the objectives
     champion   RULE: the most accurate trial within --max-params / --max-latency-ms (ties: the
                better on the other objectives, in the sweep's order). It is on the front of the
-               trials that meet the limits. The limits are also the sampler's constraints_func
-               (Optuna's documented way: constraint values as a trial user attribute, <= 0 where met).
+               trials that meet the limits. The sampler sees the limits too: each trial sets
+               them as Optuna constraints (``trial.set_constraint(metric, value - limit)``, <= 0
+               where met), Optuna 5's replacement for the samplers' ``constraints_func`` (which
+               it deprecates with a FutureWarning); TPE, NSGA-II and GP read them from the trial.
 
 The sampler is the sweep's (TPE unless it names another): TPE proposes from the first trials on
 and takes constraints_func, while NSGA-II (``sampler: nsga2``) only leaves random search after a
@@ -52,19 +54,11 @@ def limits_of(settings) -> dict[str, float]:
             if getattr(settings, option) is not None}
 
 
-def prepare(study: optuna.Study, settings) -> dict:
-    """Store the limits on the study (``best`` applies them; the latest given win) and return
-    the sampler's extra options: constraints_func when limits are given."""
+def store_limits(study: optuna.Study, settings) -> None:
+    """Keep the limits on the study: ``best`` applies them (the latest given win)."""
     limits = limits_of(settings)
     if limits:
         study.set_user_attr(record.LIMITS_ATTR, limits)
-        return {"constraints_func": constraint_values}
-    return {}
-
-
-def constraint_values(trial: FrozenTrial) -> list[float]:
-    """Optuna's constraints_func: what the objective stored, <= 0 where a limit is met."""
-    return trial.user_attrs[record.CONSTRAINTS_ATTR]
 
 
 # ------------------------------------------------------------------------ the trial side
@@ -72,7 +66,7 @@ def constraint_values(trial: FrozenTrial) -> list[float]:
 
 def measure(sweep, settings, tracker, trial: optuna.Trial, run_id: str, outcome, model_hp: dict) -> tuple:
     """Measure a trained trial on every objective metric, record them (MLflow metrics and a
-    trial user attribute, the constraint values too) and return the sweep's objective values."""
+    trial user attribute), set the limits as its constraints, return the objective values."""
     last = outcome.history[-1]
     metrics = {"val_acc": last.val_acc, "val_loss": last.val_loss,
                "params": parameter_count(sweep.model, model_hp),
@@ -80,9 +74,8 @@ def measure(sweep, settings, tracker, trial: optuna.Trial, run_id: str, outcome,
                **latencies(outcome.model_uri, tracker.uri)}
     tracker.log_metrics(run_id, {k: metrics[k] for k in ("params", *LATENCY_BATCHES)}, step=sweep.epochs)
     trial.set_user_attr(record.OBJECTIVES_ATTR, metrics)
-    limits = limits_of(settings)
-    if limits:
-        trial.set_user_attr(record.CONSTRAINTS_ATTR, [float(metrics[m] - limit) for m, limit in limits.items()])
+    for metric, limit in limits_of(settings).items():
+        trial.set_constraint(metric, metrics[metric] - limit)
     return tuple(float(metrics[m]) for m, _ in sweep.objectives)
 
 
@@ -257,5 +250,6 @@ def summary_lines(study: optuna.Study) -> list[str]:
         return ["no completed trial within the limits yet"]
     shown = "  ".join(f"{m} {metrics_of(best).get(m, math.nan):.4g}" for m, _ in objectives_of(study))
     run_id = best.user_attrs.get(record.RUN_ATTR, "?")
-    return [f"champion (Pareto front, {RULE}): trial {best.number}: {shown}  test_acc "
+    return [f"champion (the most accurate on the Pareto front within the limits): trial {best.number}: {shown}  "
+            f"test_acc "
             f"{best.user_attrs.get(record.TEST_ACC_ATTR, math.nan):.4f}  run {run_id}", f"model: runs:/{run_id}/model"]

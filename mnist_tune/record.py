@@ -48,7 +48,6 @@ MODEL_URI_ATTR = "model_uri"
 TEST_ACC_ATTR = "test_acc"
 ERROR_ATTR = "error"
 OBJECTIVES_ATTR = "objective_metrics"  # trial (multi-objective): every metric measured, by name
-CONSTRAINTS_ATTR = "constraints"  # trial: constraint values, <= 0 where met (the sampler's constraints_func)
 LIMITS_ATTR = "champion_limits"  # study: --max-params / --max-latency-ms, as {metric: limit}
 CONFIRM_ATTR = "confirmation"  # study: the confirmation's state, seeds and results (confirm.py)
 CONFIRM_CLAIM_PREFIX = "confirmation_claim:"  # study: + "<host>:<pid>" -> when that worker claimed it

@@ -212,11 +212,10 @@ def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> lis
 # --------------------------------------------------------------------- study set-up
 
 
-def make_sampler(sweep: Sweep, seed: int | None, **extra) -> optuna.samplers.BaseSampler:
-    """``extra``: options only a worker knows (a multi-objective study's constraints_func)."""
+def make_sampler(sweep: Sweep, seed: int | None) -> optuna.samplers.BaseSampler:
     from mnist_tune.space import grid
 
-    options = {**{k: v for k, v in sweep.sampler.items() if k != "name"}, **extra}
+    options = {k: v for k, v in sweep.sampler.items() if k != "name"}
     if seed is not None:
         options["seed"] = seed
     name = sweep.sampler["name"]

@@ -152,8 +152,8 @@ class Worker:
         # the first ones; concurrent workers (live trials) draw different points.
         seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
         seed += len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32,
-                                          **pareto.prepare(self.study, self.settings))
+        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
+        pareto.store_limits(self.study, self.settings)
         self.record = record.StudyRecord.attach(
             self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(),
             study_params(self.sweep, self.name, self.settings.trials),
