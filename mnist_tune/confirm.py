@@ -4,7 +4,7 @@
 
 A trial's validation accuracy is one draw of its seed's noise, and the best of 40 draws is
 biased upwards (the winner's curse). So the K best distinct configurations (a multi-objective
-study: the front within the limits, champion first, pareto.ranked) are trained again with the
+study: the most accurate within the limits, pareto.ranked) are trained again with the
 same S new seeds each (shared seeds: the configurations are compared on equal draws), and the
 *confirmed champion* is the configuration with the best mean validation metric over those S
 runs; the trial's own run is left out of the mean, as it is the draw that was selected.
@@ -59,7 +59,7 @@ def single_value(study: optuna.Study, trial: FrozenTrial, metric: str) -> float:
 def candidates(study: optuna.Study, metric: str, top: int) -> list[FrozenTrial]:
     """The ``top`` best distinct configurations (a repeated configuration counts once)."""
     if pareto.is_multi(study):
-        ranked = pareto.ranked(study)
+        ranked = pareto.ranked(study, front_only=False)  # the runners-up by the champion's rule
     else:
         sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

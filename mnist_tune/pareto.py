@@ -155,10 +155,12 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
             if t.values and all(math.isfinite(v) for v in t.values)]
 
 
-def ranked(study: optuna.Study) -> list[FrozenTrial]:
-    """The front of the trials within the limits, champion first (the RULE's order)."""
+def ranked(study: optuna.Study, front_only: bool = True) -> list[FrozenTrial]:
+    """The trials within the limits (by default only their front) in the RULE's order, champion first."""
     objectives, limits = objectives_of(study), study.user_attrs.get(record.LIMITS_ATTR, {})
-    within = front([t for t in complete_trials(study) if feasible(t, limits)], objectives)
+    within = [t for t in complete_trials(study) if feasible(t, limits)]
+    if front_only:
+        within = front(within, objectives)
     first = next(i for i, (m, _) in enumerate(objectives) if m in METRICS)  # the validation objective
     order = [first] + [i for i in range(len(objectives)) if i != first]
     return sorted(within, key=lambda t: ([_minimised(t, objectives)[i] for i in order], t.number))
