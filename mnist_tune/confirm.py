@@ -144,6 +144,8 @@ def _confirm(worker, state: dict, top: int, seeds: list[int], me: str) -> None:
     for run in running:  # left by a worker that died mid-confirmation
         worker.record.close_stale(run.info.run_id, "the worker confirming died; retrained by another")
     chosen = candidates(study, metric, top)
+    for dropped in set(results) - {str(t.number) for t in chosen}:  # a rerun with a smaller K; its runs stay
+        del results[dropped]
     worker.log(f"confirming the top {len(chosen)} configurations (trials "
                f"{', '.join(str(t.number) for t in chosen)}) with {len(seeds)} new seeds each")
     for trial in chosen:
