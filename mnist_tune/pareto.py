@@ -71,7 +71,7 @@ def measure(sweep, settings, tracker, trial: optuna.Trial, run_id: str, outcome,
     metrics = {"val_acc": last.val_acc, "val_loss": last.val_loss,
                "params": parameter_count(sweep.model, model_hp),
                "epoch_seconds": statistics.fmean(m.epoch_seconds for m in outcome.history),
-               **latencies(outcome.model_uri, tracker.uri)}
+               **latencies(tracker, outcome.model_uri)}
     tracker.log_metrics(run_id, {k: metrics[k] for k in ("params", *LATENCY_BATCHES)}, step=sweep.epochs)
     trial.set_user_attr(record.OBJECTIVES_ATTR, metrics)
     for metric, limit in limits_of(settings).items():
@@ -90,14 +90,13 @@ def parameter_count(model_name: str, model_hp: dict) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def latencies(model_uri: str, tracking_uri: str) -> dict[str, float]:
+def latencies(tracker, model_uri: str) -> dict[str, float]:
     """Median CPU inference time (ms) of the *logged* (exported) model, as a user reloads it,
-    for each batch size of LATENCY_BATCHES; the torch threads are the worker's."""
+    for each batch size of LATENCY_BATCHES; the torch threads are the worker's. Loading waits
+    for the trial's queued model export: a multi-objective trial pays for its export here."""
     import torch
 
-    from mnist_tune.tracking import load_model
-
-    model = load_model(model_uri, tracking_uri)
+    model = tracker.models.load_model(model_uri)
     measured = {}
     with torch.inference_mode():
         for metric, (batch, calls) in LATENCY_BATCHES.items():
