@@ -43,7 +43,7 @@ class Augment:
 
     def __init__(self, *, shift: int = 0, rotate: float = 0.0, scale: float = 0.0):
         self.shift, self.rotate, self.scale = shift, rotate, scale
-        self._index: dict = {}  # (side, device) -> gather offsets of the unshifted image in the padded one
+        self._index: dict = {}  # per image side and device: gather offsets (shift), pixel centres (resample)
 
     def describe(self) -> str:
         parts = [f"shift up to {self.shift} px" if self.shift else "",
@@ -81,12 +81,24 @@ class Augment:
         angle = torch.rand(n, device=device).mul_(2).sub_(1).mul_(math.radians(self.rotate))
         zoom = torch.rand(n, device=device).mul_(2).sub_(1).mul_(self.scale).add_(1)
         move = self._offsets(n, device).float().mul_(2 / side)  # pixels -> grid units ([-1, 1] spans the image)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # the grid maps output -> input: inverse
-        # theta rows: [cos -sin -tx; sin cos -ty] (grid coordinates are x, y)
-        theta = torch.stack([torch.stack([cos, -sin, -move[:, 1]], 1), torch.stack([sin, cos, -move[:, 0]], 1)], 1)
-        grid = F.affine_grid(theta, [n, 1, side, side], align_corners=False)
+        cos, sin = (torch.cos(angle) / zoom)[:, None], (torch.sin(angle) / zoom)[:, None]  # output -> input
+        x, y = self._centres(side, device)
+        # the sampling grid, (x, y) -> (cos x - sin y - tx, sin x + cos y - ty), written out:
+        # F.affine_grid's batched (H*W x 3) @ (3 x 2) products cost 5x this on a CPU
+        gx = torch.addcmul(torch.addcmul(-move[:, 1:2], cos, x), sin, y, value=-1)
+        gy = torch.addcmul(torch.addcmul(-move[:, 0:1], sin, x), cos, y)
+        grid = torch.stack((gx, gy), -1).view(n, side, side, 2)
         return F.grid_sample(images.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="zeros",
                              align_corners=False).squeeze(1)
+
+    def _centres(self, side: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and y of each pixel centre in grid units, flattened row by row (align_corners=False)."""
+        key = ("centres", side, device)
+        if key not in self._index:
+            c = torch.arange(side, device=device).mul(2).add(1).div(side).sub(1)
+            ys, xs = torch.meshgrid(c, c, indexing="ij")
+            self._index[key] = (xs.flatten(), ys.flatten())
+        return self._index[key]
 
 
 def augmentation(hp) -> Augment | None:
