@@ -123,7 +123,8 @@ TUNABLES: dict[str, Tunable] = {t.name: t for t in (
             models=("mixer",), low=0),
     Tunable("image_size", int, "model", f"Side the {IMAGE_SIZE} x {IMAGE_SIZE} images are resized to (area "
             "averaging) before the model's first layer.", low=1, high=IMAGE_SIZE + 1),
-    Tunable("shift", int, "train", "Training images moved by up to this many pixels each way (augmentation).",
+    Tunable("shift", int, "train", "Training images moved by up to this many pixels (at --image-size) each way "
+            "(augmentation).",
             default=0, low=0, high=4),
     Tunable("rotate", float, "train", "Training images rotated by up to this many degrees (augmentation).",
             default=0.0, low=0, high=30),

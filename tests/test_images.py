@@ -14,10 +14,12 @@ from mnist_tune.data import load_mnist
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.images import Augment, augmentation, resize
 from mnist_tune.models import Resize, as_input, build_model
+from mnist_tune.optim import FlatAdamW, schedule_table
 from mnist_tune.run import dataset_inputs
-from mnist_tune.train import TrainConfig, evaluate, fit, seed_everything
+from mnist_tune.steps import EagerSteps, GraphedSteps
+from mnist_tune.train import TrainConfig, _make_train_step, evaluate, fit, seed_everything
 
-from helpers import run_cli
+from helpers import DEVICES, run_cli
 
 
 @pytest.fixture
@@ -177,3 +179,33 @@ def test_image_size_trial_reloads_with_plain_mlflow_and_torch(synthetic_env, tmp
         predicted = model(as_input(test.test_x)).argmax(1)  # (N, 1, 28, 28) in [0, 1]
     accuracy = (predicted == test.test_y).float().mean().item()
     assert accuracy == pytest.approx(run.data.metrics["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("augment", [Augment(shift=2), Augment(shift=1, rotate=10)])
+def test_augmentation_inside_the_graphed_step(device, augment):
+    """The augmentation runs inside the step the CUDA graph records (its random numbers from
+    the default generator, which a replayed graph advances). Off CUDA the same code runs
+    unrecorded and takes exactly the eager runner's steps."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (200,), device=device)
+    lrs, beta1s = schedule_table("constant", 3e-3, 8)
+    losses = []
+    for runner in (EagerSteps, GraphedSteps):
+        torch.manual_seed(1)
+        model = build_model("mlp", dropout=0.0).to(device).train()
+        optimizer = FlatAdamW(model.parameters(), weight_decay=0.0, fused=False)
+        train_step = _make_train_step(model, TrainConfig(), optimizer)
+        inputs, targets = train_step.prepare(images, labels)
+        loss_sum = torch.zeros((), device=device)
+        extra = {"batch_size": 50, "capture": device == "cuda"} if runner is GraphedSteps else {}
+        steps = runner(train_step, optimizer, inputs, targets, lrs, beta1s, loss_sum, augment=augment, **extra)
+        for step, batch in enumerate(torch.arange(200, device=device).split(50)):
+            steps(batch, step)
+        losses.append(loss_sum.item())
+        assert runner is EagerSteps or (steps.graph is not None) == (device == "cuda")
+    if device == "cuda":  # other random draws (warm-up steps, the graph's generator state): alike, not equal
+        assert losses[1] == pytest.approx(losses[0], rel=0.2)
+    else:
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
