@@ -37,7 +37,7 @@ class Augment:
     uint8 or float, each moved, rotated and scaled at random.
 
     Shift alone is a whole-pixel translation with zero fill, done by one gather (the bytes
-    stay bytes); rotation or scale resample the batch with one ``affine_grid`` +
+    stay bytes); rotation or scale resample the batch with one affine sampling grid and one
     ``grid_sample`` (bilinear, float pixels out), the shift going into the same affine map.
     """
 
