@@ -4,6 +4,8 @@ image-size trial's model with plain MLflow + torch."""
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -160,8 +162,6 @@ space:
 
 @pytest.mark.slow
 def test_image_size_trial_reloads_with_plain_mlflow_and_torch(synthetic_env, tmp_path):
-    import mlflow.pytorch
-
     sweep = tmp_path / "small.yaml"
     sweep.write_text(IMAGE_SWEEP)
     run_cli("study", "--sweep", sweep, "--trials", "1", "--no-plots", env=synthetic_env)
@@ -172,13 +172,30 @@ def test_image_size_trial_reloads_with_plain_mlflow_and_torch(synthetic_env, tmp
     assert run.data.params["image_size"] == "14" and run.data.params["shift"] == "1"
     training = next(i.dataset for i in run.inputs.dataset_inputs if i.tags[0].value == "training")
     assert json.loads(training.profile)["augmentation"].startswith("shift up to 1 px")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # a torch.export program
     test = load_mnist(tmp_path / "data", val_size=200)
-    with torch.inference_mode():
-        predicted = model(as_input(test.test_x)).argmax(1)  # (N, 1, 28, 28) in [0, 1]
-    accuracy = (predicted == test.test_y).float().mean().item()
+    torch.save({"x": as_input(test.test_x), "y": test.test_y}, tmp_path / "test.pt")  # (N, 1, 28, 28) in [0, 1]
+    # in an interpreter that cannot import mnist_tune (or einops): plain MLflow + torch
+    script = RELOAD.format(uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", run_id=run.info.run_id,
+                           test=tmp_path / "test.pt")
+    env = {k: v for k, v in synthetic_env.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stdout.strip().splitlines()[-1])
     assert accuracy == pytest.approx(run.data.metrics["test_acc"], abs=1e-6)
+
+
+RELOAD = """
+import sys
+sys.modules["mnist_tune"] = None
+sys.modules["einops"] = None
+import mlflow, mlflow.pytorch, torch
+mlflow.set_tracking_uri("{uri}")
+model = mlflow.pytorch.load_model("runs:/{run_id}/model")
+test = torch.load("{test}")
+with torch.inference_mode():
+    print((model(test["x"]).argmax(1) == test["y"]).float().mean().item())
+"""
 
 
 @pytest.mark.parametrize("device", DEVICES)
