@@ -46,7 +46,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.tunables import MODEL_NAMES, TUNABLES, sweep_names, tunables_for
+from mnist_tune.tunables import MODEL_NAMES, TUNABLES, divides_problems, sweep_names, tunables_for
 
 # The shipped sweeps are package data (mnist_tune/sweeps/; the top-level sweeps/ links to it),
 # so an installed package finds them as a checkout does.
@@ -573,6 +573,10 @@ def load_sweep(path: str | Path) -> Sweep:
         space.append(param)
     if parsed is not None and parsed.study.objectives:
         _objective_problems(problems, parsed.study)
+    # A patch size must divide every image size it may meet (tunables.divides_problems).
+    possible = {**{p.name: finite_values(p) for p in space}, **{k: [v] for k, v in fixed.items()}}
+    for pname, problem in divides_problems({k: v for k, v in possible.items() if v is not None}):
+        problems.add(f"{'fixed' if pname in fixed else 'space'}.{pname}", problem)
     if parsed is not None and parsed.study.sampler.name == "grid":
         for param in space:
             if finite_values(param) is None:

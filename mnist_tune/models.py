@@ -10,11 +10,12 @@ itself, so a logged model needs no preprocessing code from this package to be us
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.tunables import IMAGE_SIZE, MODEL_NAMES, TUNABLES
+from mnist_tune.tunables import IMAGE_SIZE, MODEL_NAMES, divides_problems
 
 NUM_CLASSES = 10
 # Training-set pixel mean and std, the usual MNIST normalisation.
@@ -22,8 +23,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def as_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the models' input contract."""
-    return images_u8.unsqueeze(1).float().div_(255)
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the models' input contract. Also
+    takes float pixels in [0, 255] (resized splits, images.py), copied: never divided in place."""
+    return images_u8.unsqueeze(1).to(torch.float32, copy=True).div_(255)
 
 
 def eval_mode(model) -> bool:
@@ -42,6 +44,25 @@ def eval_mode(model) -> bool:
 class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - MNIST_MEAN).mul_(1 / MNIST_STD)  # one new tensor per call, not two
+
+
+class Resize(nn.Module):
+    """(N, 1, 28, 28) -> (N, 1, size, size) by area averaging, as images.resize does to the
+    training splits; images already ``size`` wide (those training batches) pass through."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.size:
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="area")
+
+
+def _resized(image_size: int) -> list[nn.Module]:
+    """The model's first layers for its image size: none at 28 (the images as they come)."""
+    return [] if image_size == IMAGE_SIZE else [Resize(image_size)]
 
 
 class Dropout(nn.Dropout):
@@ -72,16 +93,17 @@ class MLP(nn.Sequential):
     """
 
     def __init__(self, *, hidden_sizes: tuple[int, ...] = (100, 80), dropout: float = 0.2,
-                 width: int | None = None, depth: int | None = None):
+                 width: int | None = None, depth: int | None = None, image_size: int = IMAGE_SIZE):
         if width is not None or depth is not None:  # the wide sweep searches a uniform stack
             hidden_sizes = (width or hidden_sizes[0],) * (depth or len(hidden_sizes))
-        layers: list[nn.Module] = [Normalize(), nn.Flatten()]
-        width = IMAGE_SIZE * IMAGE_SIZE
+        layers: list[nn.Module] = [*_resized(image_size), Normalize(), nn.Flatten()]
+        width = image_size * image_size
         for hidden in hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.ReLU(), Dropout(dropout)]
             width = hidden
         layers.append(nn.Linear(width, NUM_CLASSES))
         super().__init__(*layers)
+        self.image_size = image_size  # the side of the images its first Linear takes (train.fit resizes to it)
 
 
 class PreNormResidual(nn.Module):
@@ -108,13 +130,15 @@ class MLPMixer(nn.Sequential):
     """
 
     def __init__(self, *, patch_size: int = 7, dim: int = 64, depth: int = 4,
-                 token_expansion: float = 2.0, channel_expansion: float = 4.0, dropout: float = 0.0):
-        if TUNABLES["patch_size"].problem(patch_size):
-            divisors = [d for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0]
-            raise MnistTuneError(f"mixer patch_size {patch_size} must divide the image size {IMAGE_SIZE} "
+                 token_expansion: float = 2.0, channel_expansion: float = 4.0, dropout: float = 0.0,
+                 image_size: int = IMAGE_SIZE):
+        if patch_size < 1 or divides_problems({"patch_size": [patch_size], "image_size": [image_size]}):
+            divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+            raise MnistTuneError(f"mixer patch_size {patch_size} must divide the image size {image_size} "
                                  f"(one of {divisors})")
-        num_patches = (IMAGE_SIZE // patch_size) ** 2
+        num_patches = (image_size // patch_size) ** 2
         super().__init__(
+            *_resized(image_size),
             Normalize(),
             Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
             nn.Linear(patch_size * patch_size, dim),
@@ -129,6 +153,7 @@ class MLPMixer(nn.Sequential):
             Reduce("b n d -> b d", "mean"),
             nn.Linear(dim, NUM_CLASSES),
         )
+        self.image_size = image_size
 
 
 # The builders' keyword arguments are the model tunables of tunables.TUNABLES (tests/test_models.py).

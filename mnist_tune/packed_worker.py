@@ -57,11 +57,19 @@ def parse_pack(value: str) -> int | str:
     return int(value)
 
 
+# Settings a pack does not implement, each with the value that needs nothing from it.
+UNPACKABLE = {"amp": False, "compile": False, "image_size": 28, "shift": 0, "rotate": 0, "scale": 0}
+
+
 def pack_problem(sweep) -> str | None:
     """Why the sweep's trials cannot be packed (checked before any work), or None."""
-    for name in ("amp", "compile"):
-        if sweep.fixed.get(name) or any(p.name == name for p in sweep.space):
-            return f"--pack needs float32 trials without torch.compile; sweep {sweep.name!r} sets {name}"
+    if sweep.objectives:
+        return f"--pack trains single-objective sweeps only; sweep {sweep.name!r} has several objectives"
+    for name, plain in UNPACKABLE.items():
+        if sweep.fixed.get(name, plain) != plain or any(p.name == name for p in sweep.space):
+            if name in ("amp", "compile"):
+                return f"--pack needs float32 trials without torch.compile; sweep {sweep.name!r} sets {name}"
+            return f"--pack does not train {name} yet; sweep {sweep.name!r} sets it (use --pack 1)"
     return None
 
 

@@ -19,6 +19,7 @@ import torch
 from mnist_tune import record, stop
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.images import augmentation_text
 from mnist_tune.models import as_input, build_model
 from mnist_tune.progress import bar
 from mnist_tune.tracking import Tracker
@@ -84,7 +85,7 @@ def log_run_params(tracker: Tracker, run_id: str, model_name: str, model_hp: dic
                                 "device": device.type,
                                 "parameters": sum(p.numel() for p in model.parameters())})
     if data.lineage:
-        tracker.log_datasets(run_id, dataset_inputs(data))
+        tracker.log_datasets(run_id, dataset_inputs(data, augmentation_text(hp)))
 
 
 def train_run(tracker: Tracker, experiment: str, run_name: str, model_name: str, model_hp: dict,
@@ -116,15 +117,19 @@ def _flush_epoch_metrics(tracker: Tracker, run_id: str) -> None:
         warnings.warn(f"run {run_id}: could not write its epoch metrics ({e}) while it ended with {ending_with!r}")
 
 
-def dataset_inputs(data: MNISTSplits) -> list[dict]:
+def dataset_inputs(data: MNISTSplits, augmentation: str = "none") -> list[dict]:
     """The run's three splits as MLflow dataset inputs: named, digested from the files' MD5s
-    and the validation split, so runs trained on the same data show the same digest."""
+    and the validation split, so runs trained on the same data show the same digest.
+    ``augmentation`` (images.augmentation_text) applies to the training split only, and is
+    part of its digest when there is one."""
     lineage = data.lineage
     sizes = {"training": len(data.train_y), "validation": len(data.val_y), "test": len(data.test_y)}
     inputs = []
     for context, rows in sizes.items():
-        profile = {"rows": rows, **lineage, "augmentation": "none"}
-        key = json.dumps({"context": context, **lineage}, sort_keys=True)
+        augmented = augmentation if context == "training" else "none"
+        profile = {"rows": rows, **lineage, "augmentation": augmented}
+        extra = {"augmentation": augmented} if augmented != "none" else {}  # unaugmented: the digest as before
+        key = json.dumps({"context": context, **lineage, **extra}, sort_keys=True)
         inputs.append({"name": f"mnist-{context}", "digest": hashlib.md5(key.encode()).hexdigest()[:8],
                        "source": lineage["source"], "context": context, "profile": profile})
     return inputs

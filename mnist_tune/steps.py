@@ -21,15 +21,19 @@ GRAPH_WARMUP_STEPS = 3  # PyTorch's advice: run a few steps on a side stream bef
 class EagerSteps:
     """``steps(batch_indices, step)``: gather, train step, AdamW, each op launched as it comes."""
 
-    def __init__(self, train_step, optimizer: FlatAdamW, inputs, targets, lrs, beta1s, loss_sum):
+    def __init__(self, train_step, optimizer: FlatAdamW, inputs, targets, lrs, beta1s, loss_sum, augment=None):
         self.train_step, self.optimizer = train_step, optimizer
+        self.augment = augment  # rows -> rows (images.Augment), on the gathered batch: recorded in the graph too
         self.inputs, self.targets, self.lrs, self.beta1s = inputs, targets, lrs, beta1s
         self.loss_sum = loss_sum  # the epoch's summed loss, accumulated on the device
 
     def _train_on(self, batch: torch.Tensor) -> None:
         """Forward and backward on the batch's rows, its summed loss added to ``loss_sum``."""
         # index_select: a plain gather, measurably cheaper than advanced indexing per step
-        self.loss_sum += self.train_step(self.inputs.index_select(0, batch), self.targets.index_select(0, batch))
+        rows = self.inputs.index_select(0, batch)
+        if self.augment is not None:
+            rows = self.augment(rows)
+        self.loss_sum += self.train_step(rows, self.targets.index_select(0, batch))
 
     def __call__(self, batch: torch.Tensor, step: int) -> None:
         self._train_on(batch)
@@ -45,8 +49,8 @@ class GraphedSteps(EagerSteps):
     """
 
     def __init__(self, train_step, optimizer: FlatAdamW, inputs, targets, lrs, beta1s, loss_sum,
-                 batch_size: int, capture: bool = True):
-        super().__init__(train_step, optimizer, inputs, targets, lrs, beta1s, loss_sum)
+                 batch_size: int, capture: bool = True, augment=None):
+        super().__init__(train_step, optimizer, inputs, targets, lrs, beta1s, loss_sum, augment)
         self.rows = optimizer.schedule_rows(lrs, beta1s)
         self.batch = torch.arange(min(batch_size, len(inputs)), device=inputs.device)  # static inputs
         self.row = self.rows[0].clone()

@@ -25,6 +25,7 @@ from torch import nn
 
 from mnist_tune.data import MNISTSplits
 from mnist_tune.errors import MnistTuneError
+from mnist_tune.images import augmentation, model_image_size, resize
 from mnist_tune.mlp_step import ExplicitMLPStep
 from mnist_tune.models import as_input, eval_mode
 from mnist_tune.optim import FlatAdamW, schedule_table
@@ -46,6 +47,9 @@ class TrainConfig:
     schedule: str = "constant"  # the seed used a fixed lr and concluded a variable one would help
     epochs: int = 10
     seed: int = 0
+    shift: int = 0  # augmentation of the training batches (images.py); all 0: none
+    rotate: float = 0.0
+    scale: float = 0.0
     amp: bool = False  # bf16 autocast: for CUDA (and CPUs with bf16 units); off by default
     compile: bool = False  # torch.compile the model: pays off for long runs on GPUs (compiling takes a while)
     cuda_graph: bool = True  # on CUDA, replay each step as one recorded graph (steps.py); not with compile
@@ -166,8 +170,9 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
     """
     set_up = time.perf_counter()
     model.to(device).train()
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+    size = model_image_size(model)  # resized once here, so the model's own Resize passes them through
+    train_x, train_y = resize(data.train_x.to(device), size), data.train_y.to(device)
+    val_x, val_y = resize(data.val_x.to(device), size), data.val_y.to(device)
     n = len(train_x)
     steps = math.ceil(n / hp.batch_size)
     # AdamW: the seed's Adam with decoupled weight decay; lr (and beta1) follow a precomputed table.
@@ -180,11 +185,13 @@ def fit(model: nn.Module, data: MNISTSplits, hp: TrainConfig, device: torch.devi
             train_step = _make_train_step(model, hp, optimizer)
             train_inputs, train_targets = train_step.prepare(train_x, train_y)  # what batches are gathered from
             loss_sum = torch.zeros((), device=device)  # one buffer: a CUDA graph adds into it
+            augment = augmentation(hp)  # None: the batches as gathered
             if device.type == "cuda" and hp.cuda_graph and not hp.compile:
                 run_step = GraphedSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum,
-                                        hp.batch_size)
+                                        hp.batch_size, augment=augment)
             else:
-                run_step = EagerSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum)
+                run_step = EagerSteps(train_step, optimizer, train_inputs, train_targets, lrs, beta1s, loss_sum,
+                                      augment=augment)
             shuffle = torch.Generator(device=device).manual_seed(hp.seed)
             result = FitResult(status="completed", setup_seconds=time.perf_counter() - set_up)
             step = 0

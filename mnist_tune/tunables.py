@@ -42,7 +42,7 @@ class Tunable:
     low_open: bool = False
     high: float | None = None  # excluded
     choices: tuple | None = None
-    divides: int | None = None  # values must divide the image size
+    divides: str | None = None  # values must divide this tunable's value (image_size; absent: IMAGE_SIZE)
     sweep: Literal["space", "fixed", "train"] = "space"
     excludes: tuple[str, ...] = ()  # tunables that may not be given with this one
     search_hint: str = ""  # what to search instead, when it cannot be searched
@@ -76,13 +76,11 @@ class Tunable:
             return None if value in self.choices else f"{value!r} is not a {self.name} ({', '.join(self.choices)})"
         if self.type is bool:
             return None if isinstance(value, bool) else f"{value!r} is not true or false"
-        if self.divides is not None:
-            if _is_int(value) and value >= 1 and self.divides % value == 0:
-                return None
-            return f"{self.name.replace('_', ' ')} {value!r} does not divide the image size {self.divides}"
         if self.type is int:
             if _is_int(value) and self._inside(value):
                 return None
+            if _is_int(value) and self.high is not None:
+                return f"{self.name} {value!r} must be {self._bound()}"
             return f"{value!r} must be a positive integer" if self.low == 1 else f"{value!r} is not an integer"
         if _is_number(value) and self._inside(value):
             return None
@@ -115,14 +113,23 @@ TUNABLES: dict[str, Tunable] = {t.name: t for t in (
             excludes=("width", "depth"), search_hint="search width and depth"),
     Tunable("width", int, "model", "MLP units per hidden layer (a uniform stack; with --depth).", models=("mlp",),
             low=1),
-    Tunable("patch_size", int, "model", f"Mixer patch size (divides {IMAGE_SIZE}).", models=("mixer",), low=1,
-            divides=IMAGE_SIZE),
+    Tunable("patch_size", int, "model", "Mixer patch size (divides --image-size).", models=("mixer",), low=1,
+            divides="image_size"),
     Tunable("dim", int, "model", "Mixer width.", models=("mixer",), low=1),
     Tunable("depth", int, "model", "Mixer blocks, or MLP hidden layers (a uniform stack; with --width).", low=1),
     Tunable("token_expansion", float, "model", "Mixer token-mixing MLP size, in multiples of the patch count.",
             models=("mixer",), low=0),
     Tunable("channel_expansion", float, "model", "Mixer channel-mixing MLP size, in multiples of --dim.",
             models=("mixer",), low=0),
+    Tunable("image_size", int, "model", f"Side the {IMAGE_SIZE} x {IMAGE_SIZE} images are resized to (area "
+            "averaging) before the model's first layer.", low=1, high=IMAGE_SIZE + 1),
+    Tunable("shift", int, "train", "Training images moved by up to this many pixels (at --image-size) each way "
+            "(augmentation).",
+            default=0, low=0, high=4),
+    Tunable("rotate", float, "train", "Training images rotated by up to this many degrees (augmentation).",
+            default=0.0, low=0, high=30),
+    Tunable("scale", float, "train", "Training images scaled by a factor within 1 +- this (augmentation).",
+            default=0.0, low=0, high=0.5),
     Tunable("amp", bool, "train", "bf16 autocast (CUDA; CPUs with bf16 units).", default=False),
     Tunable("compile", bool, "train", "torch.compile the model (pays off on long GPU runs).", default=False),
     Tunable("cuda_graph", bool, "train", "On CUDA, replay each training step as a recorded CUDA graph "
@@ -163,6 +170,26 @@ def hyperparameter_problems(model: str, params: dict) -> list[tuple[str, str]]:
         excluded = [other for other in TUNABLES[name].excludes if other in params] if name in fits else []
         if excluded:
             problems.append((name, f"give either {name} or {'/'.join(TUNABLES[name].excludes)}, not both"))
+    if not problems:
+        problems = divides_problems({name: [value] for name, value in params.items()})
+    return problems
+
+
+def divides_problems(values: dict[str, list]) -> list[tuple[str, str]]:
+    """(name, problem) for a tunable whose value does not divide the value of the tunable it
+    must divide (patch_size / image_size), over all the values each may take (``values``: name
+    -> possible values; the image size defaults to IMAGE_SIZE)."""
+    problems = []
+    for name, options in values.items():
+        other = TUNABLES[name].divides if name in TUNABLES else None
+        if other is None:
+            continue
+        for size in values.get(other, [IMAGE_SIZE]):
+            bad = [v for v in options if _is_int(v) and v >= 1 and _is_int(size) and size % v]
+            if bad:
+                problems.append((name, f"{name.replace('_', ' ')} {bad[0]} does not divide the "
+                                       f"{other.replace('_', ' ')} {size}"))
+                break
     return problems
 
 
@@ -202,7 +229,7 @@ def click_option(tunable: Tunable) -> tuple[tuple[str, ...], dict]:
                 raise click.BadParameter(str(e)) from None
         attrs["callback"] = parse
     elif t.type is int:
-        attrs["type"] = click.IntRange(min=t.low) if t.low is not None else int
+        attrs["type"] = click.IntRange(min=t.low, max=t.high, max_open=t.high is not None) if t.low is not None else int
     else:
         attrs["type"] = click.FloatRange(min=t.low, max=t.high, min_open=t.low_open, max_open=t.high is not None)
     return decls, attrs
