@@ -176,6 +176,10 @@ def train(model_name, device, val_size, experiment, run_name, data_dir, tracking
               help="First SIGTERM/Ctrl-C finishes the current trial before stopping (a second one aborts).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads [default: all cores]; use cores/workers when several run on one host.")
+@click.option("--enqueue", type=click.Path(dir_okay=False), default=None,
+              help="A YAML/JSON list of configurations to try first (added to a new or existing study).")
+@click.option("--warm-start-from", default=None,
+              help="Copy the finished trials of this study (same storage, compatible sweep) in first.")
 @data_dir_option
 @storage_options
 def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, data_dir, storage, storage_file,
@@ -194,7 +198,18 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
     sweep = sweep_for(model_name, sweep_file).with_overrides(epochs=epochs, val_size=val_size)
     if settings["study_name"] is None:
         check_name(sweep.name, f"{sweep.path}: name")
-    settings = WorkerSettings(storage=storage, plots=not no_plots, **settings)
+    if settings["enqueue"]:
+        from mnist_tune.config import load_enqueue_file
+
+        settings["enqueue"] = load_enqueue_file(settings["enqueue"], sweep)
+    if settings["warm_start_from"] is not None:  # refused here, before any store is written
+        from mnist_tune.study import open_existing_storage
+        from mnist_tune.warm import warm_start_trials
+
+        check_name(settings["warm_start_from"], "--warm-start-from")
+        warm_start_trials(open_existing_storage(storage), settings["warm_start_from"], sweep,
+                          settings["study_name"] or sweep.name)
+    settings = WorkerSettings(storage=storage, plots=not no_plots, **{**settings, "enqueue": settings["enqueue"] or ()})
     from mnist_tune.worker import run_study  # torch and MLflow: only once the input is known good
 
     for line in run_study(sweep, settings, tracking_uri, data_dir, device, threads,

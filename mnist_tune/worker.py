@@ -19,7 +19,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_tune import record, stop
+from mnist_tune import record, stop, warm
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.progress import bar
@@ -57,6 +57,7 @@ class Objective:
     def __init__(self, worker: Worker):
         self.sweep, self.settings, self.study = worker.sweep, worker.settings, worker.study
         self.record, self.tracker, self.data, self.device = worker.record, worker.tracker, worker.data, worker.device
+        self.log = worker.log
         self.seconds = self.tracking_seconds = 0.0  # inside trials: wall time, and MLflow's share of it
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -84,6 +85,8 @@ class Objective:
         trial.set_user_attr(WORKER_ATTR, this_worker())
         seed = (self.settings.seed or 0) + trial.number
         hp = {**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": seed}
+        if (earlier := warm.earlier_same(self.study, trial)) is not None:  # never train a configuration twice
+            return warm.skip_duplicate(trial, earlier, self.sweep.metric, self.log)
         model_hp, train_hp = split_hyperparameters(hp)
         run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"], retry_of)
         trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
@@ -126,7 +129,12 @@ class Worker:
         self.trials_run = 0
 
     def open(self) -> None:
-        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
+        copies, line = ((), None) if not self.settings.warm_start_from else warm.warm_start_trials(
+            self.storage, self.settings.warm_start_from, self.sweep, self.name)
+        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed, first_trials=copies)
+        if line:
+            self.log(line)
+        warm.enqueue(self.study, self.settings.enqueue, "--enqueue", self.settings.trials, self.log)
         study_id = self.storage.get_study_id_from_name(self.name)
         dead = dead_local_trials(self.study)  # no grace period to wait out for these
         for trial in dead:
