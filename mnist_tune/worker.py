@@ -150,9 +150,13 @@ class Worker:
                 "(--storage postgresql://…)")
         # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
         # the first ones; concurrent workers (live trials) draw different points.
+        # Not the grid's: its seed shuffles the grid, which numbers the points that trials record,
+        # so it stays the same in every worker and rerun (else points are repeated and missed).
         seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
-        seed += len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
+        if self.sweep.sampler["name"] != "grid":
+            seed += len(self.study.get_trials(deepcopy=False))
+            seed = seed * 100_003 + os.getpid() if live else seed
+        self.study.sampler = make_sampler(self.sweep, seed % 2**32)
         self.record = record.StudyRecord.attach(
             self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(),
             study_params(self.sweep, self.name, self.settings.trials),
