@@ -198,10 +198,9 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
     sweep = sweep_for(model_name, sweep_file).with_overrides(epochs=epochs, val_size=val_size)
     if settings["study_name"] is None:
         check_name(sweep.name, f"{sweep.path}: name")
-    if settings["enqueue"]:
-        from mnist_tune.config import load_enqueue_file
+    from mnist_tune.config import load_enqueue_file
 
-        settings["enqueue"] = load_enqueue_file(settings["enqueue"], sweep)
+    settings["enqueue"] = load_enqueue_file(settings["enqueue"], sweep) if settings["enqueue"] else ()
     if settings["warm_start_from"] is not None:  # refused here, before any store is written
         from mnist_tune.study import open_existing_storage
         from mnist_tune.warm import warm_start_trials
@@ -209,7 +208,7 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
         check_name(settings["warm_start_from"], "--warm-start-from")
         warm_start_trials(open_existing_storage(storage), settings["warm_start_from"], sweep,
                           settings["study_name"] or sweep.name)
-    settings = WorkerSettings(storage=storage, plots=not no_plots, **{**settings, "enqueue": settings["enqueue"] or ()})
+    settings = WorkerSettings(storage=storage, plots=not no_plots, **settings)
     from mnist_tune.worker import run_study  # torch and MLflow: only once the input is known good
 
     for line in run_study(sweep, settings, tracking_uri, data_dir, device, threads,

@@ -337,6 +337,7 @@ def study_status(storage, name: str) -> StudyStatus:
     by_state: dict[str, int] = {}
     for t in trials:
         key = "SURPLUS" if t.user_attrs.get(SURPLUS_ATTR) else t.state.name
+        key = "COPIED" if t.user_attrs.get(COPIED_ATTR) else key  # a warm start's, not this study's work
         by_state[key] = by_state.get(key, 0) + 1
     return StudyStatus(name, study.user_attrs.get(BUDGET_ATTR), count_budget(trials), by_state,
                        live_trials(storage, study), best_trial(study))

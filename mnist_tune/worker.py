@@ -134,7 +134,6 @@ class Worker:
         self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed, first_trials=copies)
         if line:
             self.log(line)
-        warm.enqueue(self.study, self.settings.enqueue, "--enqueue", self.settings.trials, self.log)
         study_id = self.storage.get_study_id_from_name(self.name)
         dead = dead_local_trials(self.study)  # no grace period to wait out for these
         for trial in dead:
@@ -148,6 +147,7 @@ class Worker:
                 f"study {self.name!r} already has a live worker (trial {live[0].number} running in {where}) on "
                 "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
                 "(--storage postgresql://…)")
+        warm.enqueue(self.study, self.settings.enqueue, "--enqueue", self.settings.trials, self.log)
         # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
         # the first ones; concurrent workers (live trials) draw different points.
         # Not the grid's: its seed shuffles the grid, which numbers the points that trials record,

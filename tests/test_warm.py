@@ -124,6 +124,8 @@ def test_warm_start_copies_compatible_trials_and_runs_its_own_budget(synthetic_e
     runs = child_runs(tracking, "narrow")  # the copies get none
     assert [int(r.data.tags["mnist_tune.trial"]) for r in runs] == [2]
     assert study_module.count_budget(narrow.trials).used == 1
+    status = json.loads(run_cli("status", "--study", "narrow", "--format", "json", env=synthetic_env).stdout)
+    assert status["trials"] == {"COPIED": 2, "COMPLETE": 1} and (status["used"], status["left"]) == (1, 0)
 
     # A rerun copies nothing again; a source that cannot warm-start this sweep is refused
     # with one line before anything is written.
