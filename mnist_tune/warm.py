@@ -97,7 +97,7 @@ def warm_start_trials(storage, source: str, sweep: Sweep, target: str) -> tuple[
 
     copied_before = set()
     if target in study_names(storage):
-        for t in optuna.load_study(study_name=target, storage=storage).get_trials(deepcopy=False):
+        for t in load_existing_study(storage, target).get_trials(deepcopy=False):
             origin = t.user_attrs.get(COPIED_ATTR) or {}
             if origin.get("study") == source:
                 copied_before.add(origin.get("trial"))
