@@ -150,8 +150,12 @@ def skip_duplicate(trial: optuna.Trial, earlier: FrozenTrial, metric: str, log) 
     as Optuna's FAQ does for duplicates: the sampler sees a consistent point, the budget counts
     the trial (so a small or exhausted grid cannot loop forever), and ``best`` shows the earlier
     one. A repeat of a pruned trial is pruned with its intermediate values; of a running one,
-    pruned without values (TPE ranks it last, as its constant liar ranks the running one)."""
+    pruned without values (TPE ranks it last, as its constant liar ranks the running one).
+
+    The sampler is reseeded: workers that start together on a new study share a seed, and would
+    otherwise keep drawing each other's points."""
     trial.set_user_attr(DUPLICATE_ATTR, earlier.number)
+    trial.study.sampler.reseed_rng()
     origin = earlier.user_attrs.get(COPIED_ATTR)
     which = f"trial {earlier.number}" + (f" (copied from study {origin['study']!r})" if origin else "")
     if earlier.state == TrialState.COMPLETE:
