@@ -196,6 +196,10 @@ def train(model_name, device, val_size, experiment, run_name, data_dir, tracking
               help="After the budget, retrain the top K configurations with new seeds (0: off).")
 @click.option("--confirm-seeds", type=click.IntRange(min=1), default=None,
               help="New seeds per confirmed configuration; the champion is the best mean  [default: 3].")
+@click.option("--enqueue", type=click.Path(dir_okay=False), default=None,
+              help="A YAML/JSON list of configurations to try first (added to a new or existing study).")
+@click.option("--warm-start-from", default=None,
+              help="Copy the finished trials of this study (same storage, compatible sweep) in first.")
 @data_dir_option
 @storage_options
 def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, data_dir, storage, storage_file,
@@ -214,6 +218,16 @@ def study(model_name, sweep_file, epochs, val_size, device, no_plots, threads, d
     sweep = sweep_for(model_name, sweep_file).with_overrides(epochs=epochs, val_size=val_size)
     if settings["study_name"] is None:
         check_name(sweep.name, f"{sweep.path}: name")
+    from mnist_tune.config import load_enqueue_file
+
+    settings["enqueue"] = load_enqueue_file(settings["enqueue"], sweep) if settings["enqueue"] else ()
+    if settings["warm_start_from"] is not None:  # refused here, before any store is written
+        from mnist_tune.study import open_existing_storage
+        from mnist_tune.warm import warm_start_trials
+
+        check_name(settings["warm_start_from"], "--warm-start-from")
+        warm_start_trials(open_existing_storage(storage), settings["warm_start_from"], sweep,
+                          settings["study_name"] or sweep.name)
     settings = WorkerSettings(storage=storage, plots=not no_plots, **settings)
     from mnist_tune import confirm, pareto
 

@@ -15,6 +15,8 @@ A sweep file names the model, the study settings and the search space:
       lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
       batch_size: {type: categorical, choices: [32, 64, 128, 256]}
       depth: {type: int, low: 1, high: 4}
+    enqueue:                                   # configurations tried first (trial 0, 1, ...)
+      - {lr: 1.0e-3, batch_size: 128, depth: 2}
 
 The file's shape is a pydantic schema (``SweepFile``); which hyperparameters a model takes and
 which values they may have come from one table, ``TUNABLES`` below, which the training
@@ -45,6 +47,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from mnist_tune.enqueue import check_entries, normalized
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.tunables import MODEL_NAMES, TUNABLES, divides_problems, sweep_names, tunables_for
 
@@ -303,6 +306,7 @@ class SweepFile(_Schema):
     train: Annotated[TrainSection, BeforeValidator(_mapping_or_empty)] = TrainSection()
     fixed: Annotated[dict[str, Any], BeforeValidator(_mapping)] = {}
     space: Annotated[dict[str, ParamSpec], BeforeValidator(_mapping)] = {}
+    enqueue: Any = None  # checked against the space once it is known (enqueue.py)
 
 
 # Which schema a key's parent is, for "unknown key (allowed: ...)": (section, union tag) -> class.
@@ -386,6 +390,7 @@ class Sweep:
     # Multi-objective sweeps: ((metric, direction), ...); then metric/direction above are its
     # validation objective's. Empty for single-objective sweeps.
     objectives: tuple[tuple[str, str], ...] = ()
+    enqueue: tuple[dict, ...] = ()  # tried first in a new study; not part of its definition
 
     def definition(self) -> dict:
         """What defines the study: a rerun under the same name must match it."""
@@ -582,6 +587,11 @@ def load_sweep(path: str | Path) -> Sweep:
             if finite_values(param) is None:
                 problems.add(f"space.{param.name}", "grid sampler needs choices, an int range or a float step")
     problems.raise_if_any()
+    enqueue = [] if doc.get("enqueue") is None else doc["enqueue"]  # `enqueue:` with nothing after it
+    grid = parsed is not None and parsed.study.sampler.name == "grid"
+    for key_problem in check_entries(enqueue, tuple(space), fixed, grid, "enqueue"):
+        problems.add(*key_problem)
+    problems.raise_if_any()
 
     study, train = parsed.study, parsed.train
     objectives = tuple((o.metric, o.direction or OBJECTIVE_METRICS[o.metric]) for o in study.objectives or ())
@@ -591,7 +601,8 @@ def load_sweep(path: str | Path) -> Sweep:
                  pruner=study.pruner.model_dump(exclude_unset=True) if "pruner" in study.model_fields_set or
                  not objectives else {"name": "none"}, epochs=train.epochs, val_size=train.val_size,
                  seed=train.seed, fixed={k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items()},
-                 space=tuple(space), description=str(parsed.description), objectives=objectives)
+                 space=tuple(space), description=str(parsed.description), objectives=objectives,
+                 enqueue=tuple(normalized(entry, tuple(space)) for entry in enqueue))
 
 
 def _objective_problems(problems: _Problems, study: StudySection) -> None:
@@ -608,6 +619,29 @@ def _objective_problems(problems: _Problems, study: StudySection) -> None:
         problems.add("study.pruner", "Optuna cannot prune multi-objective studies: use none (the default there)")
     if study.sampler.name == "cmaes":
         problems.add("study.sampler", "cmaes optimises one objective only: use tpe, nsga2, random, gp or grid")
+
+
+def load_enqueue_file(path: str | Path, sweep: Sweep) -> tuple[dict, ...]:
+    """``study --enqueue FILE``: a YAML (or JSON) list of configurations, checked against the
+    sweep's space as its ``enqueue:`` list is; problems read ``<file>: [i].<name>: <problem>``."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MnistTuneError(f"enqueue file {path} does not exist") from None
+    except OSError as e:
+        raise MnistTuneError(f"enqueue file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise MnistTuneError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    problems = _Problems(str(path))
+    for key_problem in check_entries(doc, sweep.space, sweep.fixed, sweep.sampler["name"] == "grid", ""):
+        problems.add(*key_problem)
+    if doc == []:
+        problems.add("(top level)", "is an empty list: nothing to enqueue")
+    problems.raise_if_any()
+    return tuple(normalized(entry, sweep.space) for entry in doc)
 
 
 def sweep_for(model: str | None, sweep_file: str | None) -> Sweep:

@@ -75,9 +75,22 @@ def best_table(best: dict) -> str:
         return "\n".join([table(best), *table_lines(best.get("confirmed"))])
     lines = [f"study {best['study']}: best trial {best['trial']}", f"  {best['metric']:<10} {best['value']:.4f}",
              f"  test_acc   {best['test_acc']:.4f}" if best["test_acc"] is not None else "  test_acc   -",
-             f"  run_id     {best['run_id']}", f"  model      {best[MODEL_URI_ATTR]}"]
+             *_anchor_lines(best), f"  run_id     {best['run_id']}", f"  model      {best[MODEL_URI_ATTR]}"]
     return "\n".join(lines + [f"  {key:<10} {value}" for key, value in best["params"].items()]
                      + table_lines(best.get("confirmed")))
+
+
+def _anchor_lines(best: dict) -> list[str]:
+    """Beside the best test accuracy: the seed's, and its configuration's trial in this study."""
+    if best.get("seed_test_acc") is None:
+        return []
+    lines = [f"  seed       {_score(best['seed_test_acc'])}  (the seed's published test accuracy)"]
+    if best.get("seed_trial") is not None:
+        state = best["seed_trial_state"]
+        how = "" if state == "COMPLETE" else f", {STATE_MARK.get(state, state) or state.lower()}"
+        lines.append(f"  seed here  {_score(best['seed_trial_test_acc'])}  (trial {best['seed_trial']}, "
+                     f"the seed's configuration in this study{how})")
+    return lines
 
 
 def status_table(status: dict) -> str:

@@ -26,3 +26,17 @@ def _suggest_one(trial: optuna.Trial, p: Param):
 def grid(sweep: Sweep) -> dict[str, list]:
     """The grid sampler's search space (config validation made sure every value list is finite)."""
     return {p.name: finite_values(p) for p in sweep.space}
+
+
+def distributions(sweep: Sweep) -> dict[str, optuna.distributions.BaseDistribution]:
+    """What ``suggest`` would record for each parameter: for trials made elsewhere (warm starts)."""
+    found = {}
+    for p in sweep.space:
+        if p.type == "categorical":
+            found[p.name] = optuna.distributions.CategoricalDistribution(list(p.choices))
+        elif p.type == "int":
+            found[p.name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log,
+                                                                 step=int(p.step or 1))
+        else:
+            found[p.name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    return found

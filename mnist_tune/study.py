@@ -5,7 +5,9 @@ The only module that creates Optuna objects. It imports neither torch nor MLflow
 
     budget     --trials is the study's *total*: what is finished or in flight counts, except
                trials a race let start past the budget (closed at once as FAIL, user attr
-               ``budget_surplus``, never trained or tracked) and failures that were retried.
+               ``budget_surplus``, never trained or tracked), failures that were retried,
+               trials copied from another study (warm start, ``copied_from``) and enqueued
+               configurations not started yet (they count once they run).
     heartbeat  RDB storages get Optuna heartbeats; a trial whose worker died is failed by the
                next worker that looks and retried (RetryHeartbeatStaleTrialCallback) under a
                new number. A worker on the same host whose process is gone is dead at once.
@@ -42,6 +44,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 # Optuna attributes of this project (those linking to MLflow are in record.py)
 SURPLUS_ATTR = "budget_surplus"  # trial: started past the budget, never trained
+COPIED_ATTR = "copied_from"  # trial: {"study": name, "trial": number} it was copied from (warm.py)
+DUPLICATE_ATTR = "duplicate_of"  # trial: number of the earlier trial with the same params (not trained)
 WORKER_ATTR = "worker"  # trial: "<host>:<pid>" of the process running it
 BUDGET_ATTR = "budget"  # study: the last --trials, for `status`
 FINGERPRINT_ATTR = "sweep_fingerprint"  # study: what the sweep must match on every rerun
@@ -69,6 +73,8 @@ class WorkerSettings:
     max_latency_ms: float | None = None  # also the sampler's constraints_func
     confirm_top: int = 0  # after the budget, retrain the top K configurations ... (confirm.py)
     confirm_seeds: int | None = None  # ... with S new seeds each; the champion is the best mean
+    enqueue: tuple[dict, ...] = ()  # configurations to add (study --enqueue; checked against the sweep)
+    warm_start_from: str | None = None  # a study whose finished trials are copied in (warm.py)
 
     def __post_init__(self):
         if self.grace_period <= self.heartbeat_interval:  # else live workers would be declared dead
@@ -237,8 +243,9 @@ def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def create_or_load(storage, sweep: Sweep, name: str, seed: int | None) -> optuna.Study:
-    """The study, created on first use; its definition must match the sweep on every rerun."""
+def create_or_load(storage, sweep: Sweep, name: str, seed: int | None, first_trials=()) -> optuna.Study:
+    """The study, created on first use; its definition must match the sweep on every rerun.
+    ``first_trials`` (copied from another study) go in before a new study's enqueued ones."""
     if name in study_names(storage):
         stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(FINGERPRINT_ATTR)
         if stored is not None and stored != sweep.fingerprint():
@@ -249,10 +256,14 @@ def create_or_load(storage, sweep: Sweep, name: str, seed: int | None) -> optuna
     study = optuna.create_study(storage=storage, study_name=name, direction=None if directions else sweep.direction,
                                 directions=directions,
                                 sampler=make_sampler(sweep, seed), pruner=make_pruner(sweep), load_if_exists=True)
+    study.add_trials(first_trials)
     if FINGERPRINT_ATTR not in study.user_attrs:
+        for params in sweep.enqueue:  # trials 0, 1, ... of a new study (a copied equal one is enough)
+            study.enqueue_trial(params, skip_if_exists=True)
         study.set_user_attr(FINGERPRINT_ATTR, sweep.fingerprint())
         study.set_user_attr(SWEEP_ATTR, {**sweep.definition(), "name": sweep.name, "sampler": sweep.sampler,
-                                         "pruner": sweep.pruner, "file": Path(sweep.path).name})
+                                         "pruner": sweep.pruner, "file": Path(sweep.path).name,
+                                         "enqueue": list(sweep.enqueue)})
     return study
 
 
@@ -266,6 +277,7 @@ class BudgetCount:
     failed: int = 0  # real failures, counted against the budget
     running: int = 0
     waiting: int = 0  # retries queued by the heartbeat callback
+    queued: int = 0  # enqueued configurations not started yet: not used until they run
 
     @property
     def used(self) -> int:
@@ -283,7 +295,12 @@ def count_budget(trials: list[FrozenTrial], below: int | None = None) -> BudgetC
     for t in trials:
         if (below is not None and t.number >= below) or t.user_attrs.get(SURPLUS_ATTR):
             continue
+        if t.user_attrs.get(COPIED_ATTR):  # another study's work (warm start)
+            continue
         if t.state == TrialState.FAIL and t.number in retried:
+            continue
+        if t.state == TrialState.WAITING and RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is None:
+            count.queued += 1  # so configurations enqueued past the budget wait for a larger one
             continue
         field = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                  TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[t.state]
@@ -299,9 +316,12 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     if len(study.directions) > 1:
         return None
     try:
-        return study.best_trial
+        best = study.best_trial
     except ValueError:  # no completed trial yet
         return None
+    # A skipped duplicate ties with the trial it repeats (Optuna breaks ties either way): that one.
+    original = best.user_attrs.get(DUPLICATE_ATTR)
+    return best if original is None else next(t for t in study.get_trials() if t.number == original)
 
 
 def study_metric(study: optuna.Study) -> str:
@@ -329,15 +349,18 @@ def study_status(storage, name: str) -> StudyStatus:
     by_state: dict[str, int] = {}
     for t in trials:
         key = "SURPLUS" if t.user_attrs.get(SURPLUS_ATTR) else t.state.name
+        key = "COPIED" if t.user_attrs.get(COPIED_ATTR) else key  # a warm start's, not this study's work
         by_state[key] = by_state.get(key, 0) + 1
     return StudyStatus(name, study.user_attrs.get(BUDGET_ATTR), count_budget(trials), by_state,
                        live_trials(storage, study), best_trial(study))
 
 
 def best_record(study: optuna.Study) -> dict:
-    """The best trial as ``best`` prints it (a multi-objective study: its Pareto front), and
-    the confirmed champion where the study confirmed its top configurations."""
+    """The best trial as ``best`` prints it (a multi-objective study: its Pareto front), with
+    the anchors beside it (anchors.py), and the confirmed champion where the study confirmed
+    its top configurations."""
     from mnist_tune import confirm, pareto
+    from mnist_tune.anchors import anchors
 
     if pareto.is_multi(study):
         return {**pareto.best_record(study), "confirmed": confirm.summary(study)}
@@ -347,7 +370,7 @@ def best_record(study: optuna.Study) -> dict:
     run_id = trial.user_attrs.get(record.RUN_ATTR)
     return {"study": study.study_name, "trial": trial.number, "metric": study_metric(study), "value": trial.value,
             "test_acc": trial.user_attrs.get(record.TEST_ACC_ATTR), "run_id": run_id,
-            record.MODEL_URI_ATTR: f"runs:/{run_id}/model", "params": trial.params,
+            record.MODEL_URI_ATTR: f"runs:/{run_id}/model", "params": trial.params, **anchors(study),
             **({"confirmed": confirmed} if (confirmed := confirm.summary(study)) else {})}
 
 

@@ -19,7 +19,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_tune import confirm, pareto, record, stop
+from mnist_tune import confirm, pareto, record, stop, warm
 from mnist_tune.config import Sweep
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.packed_worker import pack_problem, resolve_pack, run_pack_round
@@ -58,6 +58,7 @@ class Objective:
     def __init__(self, worker: Worker):
         self.sweep, self.settings, self.study = worker.sweep, worker.settings, worker.study
         self.record, self.tracker, self.data, self.device = worker.record, worker.tracker, worker.data, worker.device
+        self.log = worker.log
         self.seconds = self.tracking_seconds = 0.0  # inside trials: wall time, and MLflow's share of it
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -85,6 +86,8 @@ class Objective:
         trial.set_user_attr(WORKER_ATTR, this_worker())
         seed = (self.settings.seed or 0) + trial.number
         hp = {**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": seed}
+        if (earlier := warm.earlier_same(self.study, trial)) is not None:  # never train a configuration twice
+            return warm.skip_duplicate(trial, earlier, self.sweep.metric, self.log)
         model_hp, train_hp = split_hyperparameters(hp)
         run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"], retry_of)
         trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
@@ -134,7 +137,11 @@ class Worker:
         self.pack = 1  # trials per pack (run_study resolves --pack); 1: one trial at a time, optimize
 
     def open(self) -> None:
-        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed)
+        copies, line = ((), None) if not self.settings.warm_start_from else warm.warm_start_trials(
+            self.storage, self.settings.warm_start_from, self.sweep, self.name)
+        self.study = create_or_load(self.storage, self.sweep, self.name, self.settings.seed, first_trials=copies)
+        if line:
+            self.log(line)
         study_id = self.storage.get_study_id_from_name(self.name)
         dead = dead_local_trials(self.study)  # no grace period to wait out for these
         for trial in dead:
@@ -148,11 +155,16 @@ class Worker:
                 f"study {self.name!r} already has a live worker (trial {live[0].number} running in {where}) on "
                 "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
                 "(--storage postgresql://…)")
+        warm.enqueue(self.study, self.settings.enqueue, "--enqueue", self.settings.trials, self.log)
         # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
         # the first ones; concurrent workers (live trials) draw different points.
+        # Not the grid's: its seed shuffles the grid, which numbers the points that trials record,
+        # so it stays the same in every worker and rerun (else points are repeated and missed).
         seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
-        seed += len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = make_sampler(self.sweep, (seed * 100_003 + os.getpid() if live else seed) % 2**32)
+        if self.sweep.sampler["name"] != "grid":
+            seed += len(self.study.get_trials(deepcopy=False))
+            seed = seed * 100_003 + os.getpid() if live else seed
+        self.study.sampler = make_sampler(self.sweep, seed % 2**32)
         pareto.store_limits(self.study, self.settings)
         self.record = record.StudyRecord.attach(
             self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(),

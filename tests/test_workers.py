@@ -66,7 +66,11 @@ def test_three_workers_share_one_budget(worker_env, postgres_db, mlflow_server):
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 12
     assert all(t.user_attrs.get("budget_surplus") for t in study.trials if t not in finished)
-    assert len({r.info.run_name for r in by_trial.values()}) == 12
+    # Workers starting together share the sampler's seed, so the others' first draws may repeat
+    # the first worker's: skipped as duplicates (no run), after which each reseeds.
+    duplicates = [t for t in finished if "duplicate_of" in t.user_attrs]
+    assert len(duplicates) <= 2 and all(t.number not in by_trial for t in duplicates)
+    assert len({r.info.run_name for r in by_trial.values()}) == 12 - len(duplicates)
     assert parent.info.status == "FINISHED"
     assert len(client.search_runs([parent.info.experiment_id], "tags.`mnist_tune.role` = 'study'")) == 1
     assert sum("this worker ran" in out for out in outputs) >= 2  # the work was shared
