@@ -37,6 +37,8 @@ class Writer:
     def __init__(self, on_failure: Callable[[Job, Exception], None]):
         self.on_failure = on_failure
         self.failures: dict[str, str] = {}  # run id (or the job's name) -> what failed first
+        self.current: Job | None = None  # the job running now
+        self.cancelled: set[str] = set()  # names of jobs whose failure is expected (abandoned)
         self._jobs: queue.Queue[Job] = queue.Queue(PENDING_JOBS)
         self._thread = threading.Thread(target=self._work, name="mnist-tune-tracking", daemon=True)
         self._thread.start()
@@ -54,16 +56,19 @@ class Writer:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            job = self.current = self._jobs.get()
             try:
                 job.call()
             except Exception as e:
+                if job.name in self.cancelled:
+                    continue
                 self.failures.setdefault(job.run_id or job.name, f"{job.name}: {first_line(e)}")
                 try:
                     self.on_failure(job, e)
                 except Exception:
                     pass  # already recorded in failures; the run is reconciled when the study resumes
             finally:
+                self.current = None
                 self._jobs.task_done()
 
 
@@ -94,6 +99,11 @@ class Helper:
         if not ok:
             raise RuntimeError(value)
         return value
+
+    def kill(self) -> None:
+        """Stop the child now (its current job fails in the caller)."""
+        self.process.kill()
+        self.process.join()
 
     def close(self, timeout: float = 30.0) -> None:
         with self._lock:

@@ -50,6 +50,7 @@ for _name in ("mlflow", "alembic"):  # after import: mlflow configures its logge
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 MODEL_NAME = "model"  # artifact name of a logged model: runs:/<run_id>/model
+WARM_UP = "warm_up_model_logging"  # the background job's name, under which ``failures`` reports it
 # Logged explicitly: inferring requirements costs 10-25 s per log_model call here.
 MODEL_REQUIREMENTS = ["torch", "numpy"]
 # Per-epoch metrics are written together at most this often (and when the run ends): a store
@@ -131,6 +132,7 @@ class Tracker:
         self._flushed_at: dict[str, float] = {}  # run id -> time.monotonic() of its last write
         self.writer: Writer | None = None  # start_background() sets them
         self.helper: Helper | None = None
+        self._helper_jobs = 0  # queued or running jobs that wait on the helper
         self.background_seconds = 0.0  # MLflow calls made by the writer thread
         self._runs: dict[str, tuple[str, dict]] = {}  # run id -> (experiment id, params) of runs started here
         self.log = lambda msg: print(msg, file=sys.stderr)
@@ -143,6 +145,7 @@ class Tracker:
         self.log = log or self.log
         self.writer = Writer(self._failed)
         self.helper = Helper(self.uri)
+        self._scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")  # the helper's throwaway saves; removed by close
         self.writer.submit("open the store", None, lambda: self.client)
         return self
 
@@ -152,7 +155,19 @@ class Tracker:
         if self.helper is None:
             fn(self, *args)
         else:
-            self.submit(name, run_id, lambda: self._timed_call(self.helper.call, fn, *args))
+            self._helper_job(name, run_id, lambda: self._timed_call(self.helper.call, fn, *args))
+
+    def _helper_job(self, name: str, run_id: str | None, call) -> None:
+        """Queue ``call``, which waits on the helper process; counted, so ``close`` knows what
+        still needs the helper."""
+        def counted():
+            try:
+                call()
+            finally:
+                self._helper_jobs -= 1
+
+        self._helper_jobs += 1
+        self.submit(name, run_id, counted)
 
     @_timed
     def _timed_call(self, call, *args):
@@ -163,13 +178,21 @@ class Tracker:
         if self.writer is not None:
             self.writer.drain()
 
-    def close(self) -> None:
-        """Wait for the queued writes and stop the helper process."""
+    def close(self, stopping: bool = False) -> None:
+        """Wait for the queued writes and stop the helper process. ``stopping`` (Ctrl-C,
+        SIGTERM): a model-export warm-up still running is abandoned rather than waited for,
+        when no export waits behind it (it keeps nothing)."""
         if self.writer is not None:
+            current = self.writer.current
+            if stopping and self.helper is not None and current is not None and current.name == WARM_UP \
+                    and self._helper_jobs == 1:
+                self.writer.cancelled.add(WARM_UP)
+                self.helper.kill()
             self.writer.drain()
         if self.helper is not None:
             self.helper.close()
             self.helper = None
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -387,7 +410,7 @@ class Models:
             experiment_id, params = tracker._runs[run_id]
             model_id = tracker.client.create_logged_model(experiment_id, MODEL_NAME, run_id, params=params).model_id
             model = model.cpu()  # pickled to the helper: a CUDA tensor would need CUDA there
-            tracker.submit("log_model", run_id, lambda: self._export(run_id, model_id, model, example))
+            tracker._helper_job("log_model", run_id, lambda: self._export(run_id, model_id, model, example))
             return f"models:/{model_id}"
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
@@ -412,16 +435,16 @@ class Models:
         self.tracker.drain()
         return load_model(uri, self.tracker.uri)
 
-    @_deferred
     @_timed
-    def warm_up_model_logging(self, model, example) -> None:
+    def warm_up_model_logging(self, model, example, scratch: str | None = None) -> None:
         """Save ``model`` once to a throwaway folder, before the first trial: the first pt2
         save in a process pays torch.export's import and MLflow's package scan, which should
         not be charged to a trial; an architecture that cannot be exported fails here (with
-        a helper process: there, queued, and ``failures`` says so)."""
-        if self.tracker.helper is not None:
-            return self.tracker.helper.call(_warm_up, model.cpu(), example)
-        with tempfile.TemporaryDirectory() as folder:
+        a helper process: there, queued, and ``failures`` says so under WARM_UP)."""
+        tracker = self.tracker
+        if tracker.helper is not None:
+            return tracker.in_background(WARM_UP, None, _warm_up, model.cpu(), example, tracker._scratch)
+        with tempfile.TemporaryDirectory(dir=scratch) as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
 
     @_timed
@@ -483,8 +506,8 @@ def _log_model(tracker: Tracker, run_id: str, model_id: str, model, example) -> 
     return tracker.models.log_model(run_id, model, example, model_id=model_id)
 
 
-def _warm_up(tracker: Tracker, model, example) -> None:
-    tracker.models.warm_up_model_logging(model, example)
+def _warm_up(tracker: Tracker, model, example, scratch: str) -> None:
+    tracker.models.warm_up_model_logging(model, example, scratch)
 
 
 def _model_options(model, example) -> dict:

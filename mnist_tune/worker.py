@@ -41,7 +41,7 @@ from mnist_tune.study import (
     open_storage,
     this_worker,
 )
-from mnist_tune.tracking import Tracker
+from mnist_tune.tracking import WARM_UP, Tracker
 from mnist_tune.tunables import split_hyperparameters
 
 PLOTS_EVERY = 10  # trials between updates of the parent run's plots (HTML only; PNGs at the end)
@@ -205,7 +205,7 @@ class Worker:
                 warm_up_model_logging(self.tracker, self.sweep.model, self.data)
             while not stop.finish_requested():
                 stop.raise_if_requested()
-                if error := self.tracker.failures.get("warm_up_model_logging"):  # no model could be saved
+                if error := self.tracker.failures.get(WARM_UP):  # no model could be saved
                     raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {error}")
                 if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
                     break
@@ -307,6 +307,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
             count = worker.run()
         except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
             worker.interrupted()
+            tracker.close(stopping=True)
             e.outcome = "the current trial was closed, rerun the command to finish the study"
             raise
         with stop.signals_deferred():  # the trials are done: a signal now waits for their record to be complete
