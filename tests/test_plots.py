@@ -1,7 +1,6 @@
 """Study plots: what is written for small and ordinary studies, and how long it takes."""
 
 import math
-import time
 
 import optuna
 import pytest
@@ -91,16 +90,11 @@ def test_log_ticks_are_few_and_round():
     assert len(_log_ticks(1e-9, 1e3)) <= 6
 
 
-def test_forty_trials_are_fast_enough(tmp_path):
-    """Called every few trials during a study: HTML-only updates must stay well under a second
-    (the first call in a process also pays imports: plotly, matplotlib, scikit-learn)."""
+def test_updates_during_a_study_write_the_page_only(tmp_path):
+    """Called every few trials during a study: the HTML page only (the PNGs, ten times slower
+    to draw, come at the end; benchmarks/RESULTS.md has the timings)."""
     study = make_study(40)
-    write_study_plots(study, tmp_path / "warm", "val_acc")  # imports
-    started = time.perf_counter()
-    write_study_plots(study, tmp_path / "html", "val_acc", png=False)
-    html_only = time.perf_counter() - started
-    started = time.perf_counter()
-    write_study_plots(study, tmp_path / "all", "val_acc")
-    with_png = time.perf_counter() - started
-    print(f"40 trials: html only {html_only:.2f} s, html + png {with_png:.2f} s")
-    assert html_only < 2.0 and with_png < 10.0  # generous: two shared cores
+    page_only = write_study_plots(study, tmp_path / "html", "val_acc", png=False)
+    assert [p.name for p in page_only] == ["study.html"]
+    everything = write_study_plots(study, tmp_path / "all", "val_acc")
+    assert {p.suffix for p in everything} == {".html", ".png"} and len(everything) > 2

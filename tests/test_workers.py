@@ -110,7 +110,6 @@ def test_sigterm_stops_cleanly(worker_env, postgres_db, mlflow_server, finish):
     args = ["--trials", 5, "--epochs", 300] + (["--finish-trial-on-signal"] if finish else [])
     worker = start_worker(worker_env, *args)
     trial = wait_for_running_trial(postgres_db, "multi")
-    sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     out = worker.communicate(timeout=120)[0]
     assert worker.returncode == 143, out
@@ -121,8 +120,8 @@ def test_sigterm_stops_cleanly(worker_env, postgres_db, mlflow_server, finish):
         assert study.trials[trial.number].state.name in ("COMPLETE", "PRUNED")
         assert run.info.status in ("FINISHED", "KILLED")
         assert len(study.trials) == trial.number + 1  # no new trial was started
-    else:
-        assert time.monotonic() - sent < 10
+    else:  # stopped within the trial, not after its 300 epochs
+        assert len(study.trials[trial.number].intermediate_values) < 300
         assert study.trials[trial.number].state.name == "FAIL"
         assert run.info.status == "KILLED" and run.data.tags["mnist_tune.state"] == "FAIL"
     parent = MlflowClient(mlflow_server).get_run(study.user_attrs["mlflow_parent_run_id"])
@@ -203,9 +202,10 @@ def test_killed_embedded_worker_is_recovered_at_once(synthetic_env, tmp_path):
         first.kill()
     finally:
         first.communicate(timeout=60)
-    started = time.monotonic()
-    proc = run_cli("study", "--sweep", "multi.yaml", "--no-plots", *args, env=env)
-    assert time.monotonic() - started < 60  # not the default 30 s grace period plus a trial or two
+    # An hour's grace period: had the dead worker to be found by its stale heartbeat, this
+    # worker would be refused (a live worker on SQLite) or wait an hour; it is found at once.
+    proc = run_cli("study", "--sweep", "multi.yaml", "--no-plots", *args, "--heartbeat-interval", 60,
+                   "--grace-period", 3600, env=env, timeout=600)
     assert f"trial {killed.number}: its worker died" in proc.stderr and "2/2 trials" in proc.stdout
     study = optuna.load_study(study_name="multi", storage=storage)
     states = {t.number: t.state.name for t in study.trials}
