@@ -138,14 +138,16 @@ class Tracker:
         self.log = lambda msg: print(msg, file=sys.stderr)
         check_reachable(self.uri)
 
-    def start_background(self, log=None) -> Tracker:
-        """From now on, writes are queued for a writer thread, and models are exported by a
-        child process (started now: it imports while the caller loads data; the store is
-        opened meanwhile too). Call ``close()`` when done: it waits for every queued write."""
+    def start_background(self, log=None, helper: bool = True) -> Tracker:
+        """From now on, writes are queued for a writer thread (the store opens there while
+        the caller loads data). With ``helper``, models are exported, and plots and reports
+        drawn, by a child process (it imports meanwhile too); give it only where a core is
+        spare (benchmarks/RESULTS.md). Call ``close()`` when done: it waits for every write."""
         self.log = log or self.log
         self.writer = Writer(self._failed)
-        self.helper = Helper(self.uri)
-        self._scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")  # the helper's throwaway saves; removed by close
+        if helper:
+            self.helper = Helper(self.uri)
+            self._scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")  # its throwaway saves; removed by close
         self.writer.submit("open the store", None, lambda: self.client)
         return self
 
@@ -409,8 +411,8 @@ class Models:
         if tracker.helper is not None and model_id is None and run_id in tracker._runs:
             experiment_id, params = tracker._runs[run_id]
             model_id = tracker.client.create_logged_model(experiment_id, MODEL_NAME, run_id, params=params).model_id
-            model = model.cpu()  # pickled to the helper: a CUDA tensor would need CUDA there
-            tracker._helper_job("log_model", run_id, lambda: self._export(run_id, model_id, model, example))
+            payload = to_bytes(model)
+            tracker._helper_job("log_model", run_id, lambda: self._export(run_id, model_id, payload, example))
             return f"models:/{model_id}"
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
@@ -443,7 +445,7 @@ class Models:
         a helper process: there, queued, and ``failures`` says so under WARM_UP)."""
         tracker = self.tracker
         if tracker.helper is not None:
-            return tracker.in_background(WARM_UP, None, _warm_up, model.cpu(), example, tracker._scratch)
+            return tracker.in_background(WARM_UP, None, _warm_up, to_bytes(model), example, tracker._scratch)
         with tempfile.TemporaryDirectory(dir=scratch) as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
 
@@ -477,7 +479,7 @@ class NullTracker:
     def __init__(self):
         self.seconds_by_call, self.failures, self.models = {}, {}, self
 
-    def start_background(self, log=None) -> NullTracker:
+    def start_background(self, log=None, helper: bool = True) -> NullTracker:
         return self
 
     def start_run(self, *args, **kwargs) -> str:
@@ -502,12 +504,30 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
 
-def _log_model(tracker: Tracker, run_id: str, model_id: str, model, example) -> str:
-    return tracker.models.log_model(run_id, model, example, model_id=model_id)
+def to_bytes(model) -> bytes:
+    """A torch module serialised here, on the CPU, for the helper process. Not pickled by the
+    writer thread: torch ops there (multiprocessing pickles tensors through shared memory)
+    start a second OpenMP team in this process, and libgomp then stops spinning and makes
+    every parallel region of training a futex round trip (epochs 2-3x slower, measured)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.cpu(), buffer)
+    return buffer.getvalue()
 
 
-def _warm_up(tracker: Tracker, model, example, scratch: str) -> None:
-    tracker.models.warm_up_model_logging(model, example, scratch)
+def from_bytes(payload: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(payload), weights_only=False)  # our own module, from our own process
+
+
+def _log_model(tracker: Tracker, run_id: str, model_id: str, payload: bytes, example) -> str:
+    return tracker.models.log_model(run_id, from_bytes(payload), example, model_id=model_id)
+
+
+def _warm_up(tracker: Tracker, payload: bytes, example, scratch: str) -> None:
+    tracker.models.warm_up_model_logging(from_bytes(payload), example, scratch)
 
 
 def _model_options(model, example) -> dict:

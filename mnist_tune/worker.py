@@ -296,7 +296,11 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
         torch.set_num_threads(threads)
     tracker = tracker or Tracker(tracking_uri)  # checks a server is reachable; writes nothing yet
     worker = Worker(sweep, settings, tracker, None, torch_device, log)  # a bad storage fails here, nothing written
-    tracker.start_background(log)  # MLflow writes and model exports leave the training thread
+    # MLflow writes leave the training thread; model exports, plots and the report leave the
+    # process too where a core is spare: training's OpenMP threads stall whenever one of them
+    # loses its core (epochs 2-3x slower on 2 cores with the helper, benchmarks/RESULTS.md).
+    spare_core = torch_device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+    tracker.start_background(log, helper=spare_core)
     try:
         # Moved to the device once per worker, not once per trial; meanwhile the MLflow store
         # opens and the helper process imports.
@@ -375,15 +379,19 @@ def report_champion(tracker: Tracker, run_id: str, data) -> None:
     """Per-class precision/recall and the confusion matrix on the best trial's run, from its
     logged model (as `mnist-tune evaluate` does), so the UI shows where the champion errs."""
     if run_id:
-        tracker.in_background("champion report", None, _report, run_id, data.test_x.cpu(), data.test_y.cpu())
+        # As numpy: tensors would be pickled through shared memory on the writer thread (tracking.to_bytes says why not)
+        tracker.in_background("champion report", None, _report, run_id, data.test_x.cpu().numpy(),
+                              data.test_y.cpu().numpy())
 
 
 def _report(tracker: Tracker, run_id: str, images, labels) -> None:
+    import torch
+
     from mnist_tune.report import classifier_report, log_report
 
     model = tracker.models.load_model(f"runs:/{run_id}/model")
     if model is not None:
-        log_report(tracker, run_id, classifier_report(model, images, labels))
+        log_report(tracker, run_id, classifier_report(model, torch.from_numpy(images), torch.from_numpy(labels)))
 
 
 def log_study_plots(tracker: Tracker, storage: str, name: str, metric: str, run_id: str, png: bool) -> None:
