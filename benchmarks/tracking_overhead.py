@@ -45,9 +45,12 @@ def child(mode: str, home: str, model: str, trials: int, epochs: int | None, see
         tracker = NullTracker()
     elif mode == "sync":
         tracker = Tracker(f"sqlite:///{home}/mlflow.db")
-        tracker.start_background = lambda log=None: tracker  # stays synchronous
-    lines = run_study(sweep, settings, f"sqlite:///{home}/mlflow.db", None, "cpu", log=lambda m: None,
-                      tracker=tracker)
+        tracker.start_background = lambda log=None, helper=True: tracker  # stays synchronous
+    try:
+        lines = run_study(sweep, settings, f"sqlite:///{home}/mlflow.db", None, "cpu", log=lambda m: None,
+                          tracker=tracker)
+    except KeyboardInterrupt as e:  # SIGTERM: the CLI's exit code (128 + signal)
+        sys.exit(getattr(e, "exit_code", 130))
     print("\n".join(lines))
 
 
