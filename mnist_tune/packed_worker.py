@@ -232,6 +232,7 @@ class PackRound:
         if end in (record.FAILED, record.KILLED) and message:
             member.trial.set_user_attr(record.ERROR_ATTR, message[:1000])
         state = {record.FINISHED: TrialState.COMPLETE, record.PRUNED_END: TrialState.PRUNED}.get(end, TrialState.FAIL)
+        self.tracker.drain()  # the run's record is complete before the trial ends (worker.Objective says why)
         frozen = self.study.tell(member.trial, value if state == TrialState.COMPLETE else None, state=state)
         self.worker._after_trial(frozen, self.trials_bar)
 

@@ -70,6 +70,9 @@ class Objective:
                 trial.set_user_attr(record.ERROR_ATTR, record.error_text(e)[:1000])
             raise
         finally:
+            # The run's record is complete before Optuna ends the trial: another worker's
+            # reconciliation takes a RUNNING run of an ended trial for a crash and fails it.
+            self.tracker.drain()
             self.seconds += time.perf_counter() - started
             self.tracking_seconds += self.tracker.seconds - tracked
 

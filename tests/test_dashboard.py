@@ -189,7 +189,7 @@ def test_dashboard_process_on_postgres(postgres_db, tmp_path, stop_signal):
     finally:
         proc.send_signal(stop_signal)
         try:
-            out, err = proc.communicate(timeout=20)
+            out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("the dashboard did not stop on " + stop_signal.name)

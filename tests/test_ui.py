@@ -169,12 +169,12 @@ def test_serve_starts_prints_links_and_leaves_nothing_behind(tmp_path, signum):
         assert not any("huey" in line for line in in_group), in_group  # job workers off
         print(f"ready after {ready:.1f} s (serve: {text.split('ready in ')[1].split(';')[0]}); processes: {running}")
         os.kill(proc.pid, signum)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=60) == 0  # a bound on hanging, not a speed goal: a loaded CI machine took over 20 s
     finally:
         if proc.poll() is None:  # a failed assertion: let serve() stop its UI, then make sure
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
     deadline = time.monotonic() + 5
