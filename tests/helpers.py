@@ -299,12 +299,18 @@ def drop_database(url: str, admin_url: str | None = None) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def sigint_as_in_a_terminal() -> None:
+    """For a child that a test stops with SIGINT: pytest-xdist's workers ignore SIGINT, and a
+    process that starts with it ignored keeps ignoring it (Python installs no handler then)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_ui(tracking_uri: str, port: int, env=None) -> tuple[subprocess.Popen, str]:
     """``mnist_tune.ui.serve`` in its own process session, as `mnist-tune ui` runs it; returns
     the process and what it printed up to its last link (the caller stops it)."""
     code = f"from mnist_tune.ui import serve; raise SystemExit(serve({tracking_uri!r}, '127.0.0.1', {port}))"
     proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
+                            text=True, env=env, start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     lines = []
     for line in proc.stdout:
         lines.append(line)

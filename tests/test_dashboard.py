@@ -23,7 +23,7 @@ from mnist_tune.dashboard import find_study, open_dashboard, serve
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.study import open_existing_storage
 
-from helpers import free_port
+from helpers import free_port, sigint_as_in_a_terminal
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -160,7 +160,8 @@ def test_refusals_are_one_line(tmp_path):
 
 def _start(args, env):
     return subprocess.Popen([sys.executable, "-m", "mnist_tune.dashboard", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
 
 
 @pytest.mark.postgres
