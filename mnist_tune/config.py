@@ -460,14 +460,14 @@ def finite_values(param: Param) -> list | None:
     return None
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, what: str = "sweep file") -> Any:
     shown = str(path)
     try:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise MnistTuneError(f"sweep file {shown} does not exist") from None
+        raise MnistTuneError(f"{what} {shown} does not exist") from None
     except OSError as e:
-        raise MnistTuneError(f"sweep file {shown}: {e.strerror}") from None
+        raise MnistTuneError(f"{what} {shown}: {e.strerror}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -625,16 +625,7 @@ def load_enqueue_file(path: str | Path, sweep: Sweep) -> tuple[dict, ...]:
     """``study --enqueue FILE``: a YAML (or JSON) list of configurations, checked against the
     sweep's space as its ``enqueue:`` list is; problems read ``<file>: [i].<name>: <problem>``."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MnistTuneError(f"enqueue file {path} does not exist") from None
-    except OSError as e:
-        raise MnistTuneError(f"enqueue file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise MnistTuneError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    doc = _read(path, "enqueue file")
     problems = _Problems(str(path))
     for key_problem in check_entries(doc, sweep.space, sweep.fixed, sweep.sampler["name"] == "grid", ""):
         problems.add(*key_problem)
