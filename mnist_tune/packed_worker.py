@@ -221,7 +221,7 @@ class PackRound:
                        build_model(self.sweep.model, **member.model_hp))
 
     def end(self, member: Member, beats: Heartbeats, end: tuple[str, str], message: str = "",
-            value: float | None = None) -> None:
+            value: float | None = None) -> TrialState:
         """Close the member's run and tell its trial, as run_lifecycle + optimize do for one trial."""
         beats.remove(member.trial._trial_id)
         if member.run_id is not None:
@@ -229,12 +229,16 @@ class PackRound:
                 self.tracker.flush_metrics(member.run_id)
             finally:
                 record.close_run(self.tracker, member.run_id, end, message)
+        if member.run_id is not None and (failed := record.tracking_failure(self.tracker, member.run_id)) \
+                and end == record.FINISHED:
+            end, message = record.FAILED, f"its MLflow run {member.run_id} is FAILED: tracking failed ({failed})"
         if end in (record.FAILED, record.KILLED) and message:
             member.trial.set_user_attr(record.ERROR_ATTR, message[:1000])
         state = {record.FINISHED: TrialState.COMPLETE, record.PRUNED_END: TrialState.PRUNED}.get(end, TrialState.FAIL)
-        self.tracker.drain()  # the run's record is complete before the trial ends (worker.Objective says why)
+        self.tracker.drain()  # the run's record is complete before the trial ends (record.tracking_failure)
         frozen = self.study.tell(member.trial, value if state == TrialState.COMPLETE else None, state=state)
         self.worker._after_trial(frozen, self.trials_bar)
+        return frozen.state
 
     def complete(self, member: Member, model, beats: Heartbeats) -> None:
         from mnist_tune.run import input_example
@@ -247,7 +251,8 @@ class PackRound:
         member.trial.set_user_attr(record.TEST_ACC_ATTR, test_acc)
         member.trial.set_user_attr(record.MODEL_URI_ATTR, model_uri)
         value = getattr(member.history[-1], self.sweep.metric)
-        self.end(member, beats, record.FINISHED, value=value)
+        if self.end(member, beats, record.FINISHED, value=value) != TrialState.COMPLETE:
+            return
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         better = self.worker.objective._better
         if all(better(value, t.value) for t in done if t.number != member.trial.number):

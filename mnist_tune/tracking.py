@@ -326,10 +326,17 @@ class Tracker:
     def log_datasets(self, run_id: str, datasets: list[dict]) -> None:
         """Dataset inputs (the UI's *Dataset* column): each a dict with name, digest, source
         (a path or URI), context (training, validation, test) and profile (shown as is)."""
-        self.client.log_inputs(run_id, datasets=[DatasetInput(
+        inputs = [DatasetInput(
             Dataset(name=d["name"], digest=d["digest"], source_type="local", source=json.dumps({"uri": d["source"]}),
                     profile=json.dumps(d["profile"])), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
-            for d in datasets])
+            for d in datasets]
+        try:
+            self.client.log_inputs(run_id, datasets=inputs)
+        except MlflowException:
+            # Workers logging a dataset new to the experiment at once race on its unique key
+            # (the loser gets BAD_REQUEST: IntegrityError); a second try finds it.
+            time.sleep(0.5)
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""

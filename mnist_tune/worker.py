@@ -70,9 +70,7 @@ class Objective:
                 trial.set_user_attr(record.ERROR_ATTR, record.error_text(e)[:1000])
             raise
         finally:
-            # The run's record is complete before Optuna ends the trial: another worker's
-            # reconciliation takes a RUNNING run of an ended trial for a crash and fails it.
-            self.tracker.drain()
+            self.tracker.drain()  # the run's record is complete before Optuna ends the trial (record.tracking_failure)
             self.seconds += time.perf_counter() - started
             self.tracking_seconds += self.tracker.seconds - tracked
 
@@ -110,6 +108,8 @@ class Objective:
             trial.set_user_attr(record.MODEL_URI_ATTR, outcome.model_uri)
             if self.sweep.objectives:  # measured before the run closes, so a failure here fails it
                 values = pareto.measure(self.sweep, self.settings, self.tracker, trial, run_id, outcome, model_hp)
+        if failed := record.tracking_failure(self.tracker, run_id):
+            raise MnistTuneError(f"its MLflow run {run_id} is FAILED: tracking failed ({failed})")
         if self.sweep.objectives:
             return values
         value = getattr(outcome.history[-1], self.sweep.metric)

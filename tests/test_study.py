@@ -66,7 +66,7 @@ def check_study_matches_mlflow(storage: str, tracking: str, study_name: str = "t
         assert run.info.run_name == f"trial-{t.number}"
         assert run.data.tags["mlflow.parentRunId"] == parent_id
         assert run.data.tags["mnist_tune.state"] == t.state.name
-        assert run.info.status == STATUS_OF[t.state.name], (t.number, t.state, run.info.status)
+        assert run.info.status == STATUS_OF[t.state.name], (t.number, t.state, run.info.status, run.data.tags)
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
         for name, value in t.params.items():
             assert run.data.params[name] == str(value)
@@ -205,6 +205,60 @@ def test_study_against_real_mlflow_server(synthetic_env, tmp_path, tiny_sweep, m
                            "--storage", storage, "-f", "json"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["number"] == best.number
+
+
+DATASET_FAILS = """
+name: dsfail
+model: mlp
+study: {sampler: {name: random, seed: 0}}
+train: {epochs: 1, val_size: 200}
+fixed: {hidden_sizes: [32], lr: 0.003}
+space:
+  dropout: {type: float, low: 0.0, high: 0.3}
+"""
+
+
+def test_a_trial_whose_tracking_failed_fails_too(synthetic_env, tmp_path):
+    """A background write that fails for a trial's run (here: the store refuses the datasets,
+    as a concurrent worker's insert once made it do) leaves that run FAILED; the trial then
+    ends FAIL with the reason, not COMPLETE, and is never the champion."""
+    import torch
+    from sqlalchemy import event
+
+    from mnist_tune.config import sweep_for
+    from mnist_tune.data import load_mnist
+    from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
+
+    (tmp_path / "dsfail.yaml").write_text(DATASET_FAILS)
+    tracker = Tracker(None).start_background(helper=False)
+    worker = Worker(sweep_for(None, str(tmp_path / "dsfail.yaml")),
+                    WorkerSettings(trials=2, storage=optuna_storage(tmp_path), plots=False), tracker,
+                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"))
+    worker.open()
+    refused = []
+
+    @event.listens_for(tracker.client._tracking_client.store.engine, "before_cursor_execute")
+    def refuse_datasets(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO datasets") and len(refused) < 2:  # the first try and its retry
+            refused.append(statement)
+            raise RuntimeError("refused by the test")
+
+    worker.run()
+    worker.finish()
+    tracker.close()
+
+    assert len(refused) == 2
+    study = optuna.load_study(study_name="dsfail", storage=optuna_storage(tmp_path))
+    failed, good = study.trials
+    client = MlflowClient(embedded_tracking(tmp_path))
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert failed.state.name == "FAIL" and "tracking failed (log_datasets" in failed.user_attrs["error"]
+    assert run.info.status == "FAILED" and "refused by the test" in run.data.tags["mnist_tune.error"]
+    assert good.state.name == "COMPLETE"
+    assert client.get_run(good.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert champion.run_id == good.user_attrs["mlflow_run_id"]
 
 
 def test_read_commands_reject_unknown_names(synthetic_env, tmp_path, tiny_sweep):
