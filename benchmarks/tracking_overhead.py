@@ -7,6 +7,7 @@ checked the same way.
     python benchmarks/tracking_overhead.py                    # default mlp sweep, 40 trials
     python benchmarks/tracking_overhead.py --trials 6 --epochs 2 --repeats 1   # a quick look
     python benchmarks/tracking_overhead.py --modes tracked,sync,null  # also: MLflow on the training thread
+    python benchmarks/tracking_overhead.py --threads 1 --repeats 2    # a core spare: exports in the helper
 
 Prints each wall time (the process's, as a user sees `mnist-tune study`), the ratio
 tracked / no-op, and the checks. With --repeats N the order alternates (ratio of sums).
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 
-def child(mode: str, home: str, model: str, trials: int, epochs: int | None, seed: int) -> None:
+def child(mode: str, home: str, model: str, trials: int, epochs: int | None, seed: int,
+          threads: int | None = None) -> None:
     """One study in this process: ``tracked`` exactly as `mnist-tune study` runs it; ``sync``
     the same with every MLflow call on the training thread (as before the background writer);
     ``null`` with no tracking."""
@@ -45,10 +47,10 @@ def child(mode: str, home: str, model: str, trials: int, epochs: int | None, see
         tracker = NullTracker()
     elif mode == "sync":
         tracker = Tracker(f"sqlite:///{home}/mlflow.db")
-        tracker.start_background = lambda log=None, helper=True: tracker  # stays synchronous
+        tracker.background.start = lambda log=None, helper=True: None  # stays synchronous
     try:
-        lines = run_study(sweep, settings, f"sqlite:///{home}/mlflow.db", None, "cpu", log=lambda m: None,
-                          tracker=tracker)
+        lines = run_study(sweep, settings, f"sqlite:///{home}/mlflow.db", None, "cpu", threads=threads,
+                          log=lambda m: None, tracker=tracker)
     except KeyboardInterrupt as e:  # SIGTERM: the CLI's exit code (128 + signal)
         sys.exit(getattr(e, "exit_code", 130))
     print("\n".join(lines))
@@ -57,7 +59,8 @@ def child(mode: str, home: str, model: str, trials: int, epochs: int | None, see
 def start(mode: str, home: str, args) -> subprocess.Popen:
     command = [sys.executable, __file__, "--child", mode, "--home", home, "--model", args.model,
                "--trials", str(args.trials), "--seed", str(args.seed)] + \
-              (["--epochs", str(args.epochs)] if args.epochs else [])
+              (["--epochs", str(args.epochs)] if args.epochs else []) + \
+              (["--threads", str(args.threads)] if args.threads else [])
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -137,19 +140,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the sweep's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each study; fewer than the cores leaves one for the helper process")
     parser.add_argument("--no-sigterm", action="store_true", help="skip the SIGTERM check")
     parser.add_argument("--modes", default="tracked,null", help="which to run, in order: tracked, sync, null")
     parser.add_argument("--child", choices=["tracked", "sync", "null"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.home, args.model, args.trials, args.epochs, args.seed)
+        return child(args.child, args.home, args.model, args.trials, args.epochs, args.seed, args.threads)
 
     from mnist_tune.config import sweep_for
 
     args.study_name = sweep_for(args.model, None).name
     print(f"# tracking overhead: {args.model} sweep, {args.trials} trials, seed {args.seed}, "
-          f"epochs {args.epochs or 'the sweep'}s; {describe()}, {os.cpu_count()} cores", flush=True)
+          f"epochs {args.epochs or 'the sweep'}s, torch threads {args.threads or 'default'}; "
+          f"{describe()}, {os.cpu_count()} cores", flush=True)
     modes = args.modes.split(",")
     walls = {mode: [] for mode in modes}
     for repeat in range(args.repeats):

@@ -1,5 +1,6 @@
-"""Tracking off the training thread: a writer thread that makes MLflow calls in order, and a
-helper process for the heavy jobs (model export, plots, the champion's report).
+"""Tracking off the training thread (``Tracker.background``): a writer thread that makes MLflow
+calls in order, and a helper process for the heavy jobs (model export, plots, the champion's
+report).
 
 The writer keeps calls in the order they were made, so a run is closed only after its
 metrics and model are written; ``drain`` waits for all of them (reads, the end of a study and
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +25,103 @@ from typing import Callable
 from mnist_tune.stores import first_line
 
 PENDING_JOBS = 256  # calls queued before the trainer waits: about 20 trials of calls and models
+WARM_UP = "warm_up_model_logging"  # the background job's name, under which ``failures`` reports it
+
+
+class Background:
+    """A tracker's background: none until ``start``, and then its writes are queued for the
+    writer (the ``_deferred`` methods of tracking.py) and its heavy jobs go to the helper."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.writer: Writer | None = None
+        self.helper: Helper | None = None
+        self.seconds = 0.0  # MLflow calls made by the writer thread
+        self._helper_jobs = 0  # queued or running jobs that wait on the helper
+        self.log = lambda msg: print(msg, file=sys.stderr)
+
+    def start(self, log=None, helper: bool = True) -> Background:
+        """From now on, writes are queued for a writer thread (the store opens there while
+        the caller loads data). With ``helper``, models are exported, and plots and reports
+        drawn, by a child process (it imports meanwhile too); give it only where a core is
+        spare (benchmarks/RESULTS.md). Call ``close()`` when done: it waits for every write."""
+        self.log = log or self.log
+        self.writer = Writer(self._failed)
+        if helper:
+            self.helper = Helper(self.tracker.uri)
+            self.scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")  # its throwaway saves; removed by close
+        self.writer.submit("open the store", None, lambda: self.tracker.client)
+        return self
+
+    def queues(self) -> bool:
+        """Whether a call made here is queued (not when made by the writer itself)."""
+        return self.writer is not None and not self.writer.on_writer_thread()
+
+    def submit(self, name: str, run_id: str | None, call: Callable[[], object]) -> None:
+        """Run ``call`` (MLflow calls through the tracker) after the writes queued so far (a
+        failure marks ``run_id``); now when nothing is queued."""
+        if self.queues():
+            self.writer.submit(name, run_id, call)
+        else:
+            call()
+
+    def run(self, name: str, run_id: str | None, fn: Callable, *args) -> None:
+        """``fn(tracker, *args)`` in the helper process after the writes queued so far (a
+        failure marks ``run_id``); without one, now, here."""
+        if self.helper is None:
+            fn(self.tracker, *args)
+        else:
+            self.helper_job(name, run_id, lambda: self.tracker.timed_call(self.helper.call, fn, *args))
+
+    def helper_job(self, name: str, run_id: str | None, call: Callable[[], object]) -> None:
+        """Queue ``call``, which waits on the helper process; counted, so ``close`` knows what
+        still needs the helper."""
+        def counted():
+            try:
+                call()
+            finally:
+                self._helper_jobs -= 1
+
+        self._helper_jobs += 1
+        self.submit(name, run_id, counted)
+
+    def drain(self) -> None:
+        """Wait until every queued write is made."""
+        if self.writer is not None:
+            self.writer.drain()
+
+    def close(self, stopping: bool = False) -> None:
+        """Wait for the queued writes and stop the helper process. ``stopping`` (Ctrl-C,
+        SIGTERM): a model-export warm-up still running is abandoned rather than waited for,
+        when no export waits behind it (it keeps nothing)."""
+        if self.writer is not None:
+            current = self.writer.current
+            if stopping and self.helper is not None and current is not None and current.name == WARM_UP \
+                    and self._helper_jobs == 1:
+                self.writer.cancelled.add(WARM_UP)
+                self.helper.kill()
+            self.writer.drain()
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Run id -> the background write that failed for it (the run was marked FAILED)."""
+        return self.writer.failures if self.writer is not None else {}
+
+    def _failed(self, job: Job, error: Exception) -> None:
+        """A queued write failed: say so, and mark its run FAILED with the reason."""
+        self.log(f"tracking: {job.name} of run {job.run_id} failed: {first_line(error)}")
+        if job.run_id:
+            from mlflow.entities import RunTag
+
+            from mnist_tune.record import ERROR
+
+            tag = RunTag(ERROR, f"tracking failed: {job.name}: {first_line(error)}")
+            self.tracker.client.log_batch(job.run_id, tags=[tag])
+            self.tracker.client.set_terminated(job.run_id, status="FAILED")
 
 
 @dataclass

@@ -157,7 +157,7 @@ def _confirm(worker, state: dict, top: int, seeds: list[int], me: str) -> None:
                 entry["runs"][str(seed)] = _retrain(worker, trial, seed)
                 save()
         entry.update(_stats(entry, metric, seeds))
-        tracker.log_metrics(entry["run_id"], {f"confirm_{metric}_mean": entry["mean"],
+        tracker.metrics.log(entry["run_id"], {f"confirm_{metric}_mean": entry["mean"],
                                               f"confirm_{metric}_std": entry["std"],
                                               "confirm_test_acc_mean": entry["test_acc_mean"],
                                               "confirm_runs": entry["n"]})
@@ -167,7 +167,7 @@ def _confirm(worker, state: dict, top: int, seeds: list[int], me: str) -> None:
     state.update(state="done", champion=None if best_n is None else int(best_n))
     save()
     if best is not None:
-        worker.record.tracker.log_metrics(worker.record.parent_run_id, {
+        worker.record.tracker.metrics.log(worker.record.parent_run_id, {
             f"confirmed_{metric}_mean": best["mean"], f"confirmed_{metric}_std": best["std"],
             "confirmed_test_acc_mean": best["test_acc_mean"], "confirmed_trial": int(best_n)})
         tracker.set_tags(worker.record.parent_run_id, {record.CONFIRMED_TRIAL: best_n,

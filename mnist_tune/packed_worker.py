@@ -177,15 +177,14 @@ class Member:
         return {k: v for k, v in self.trial.params.items() if k not in PER_MEMBER}
 
 
-class PackRound:
-    """One round: ask up to K trials, train them as packs, tell every result."""
+class MemberTrials:
+    """Members in and out: each asked, started, ended and told as the one trial of a
+    sequential worker is (Objective, run_lifecycle, optimize)."""
 
-    def __init__(self, worker, size: int, trials_bar):
-        self.worker, self.size, self.trials_bar = worker, size, trials_bar
+    def __init__(self, worker, trials_bar):
+        self.worker, self.trials_bar = worker, trials_bar
         self.study, self.sweep, self.tracker = worker.study, worker.sweep, worker.tracker
         self.data, self.device = worker.data, worker.device
-
-    # ---- trials in and out -----------------------------------------------------------------
 
     def ask(self, beats: Heartbeats) -> Member | None:
         """A new (or retried) trial with its hyperparameters, as Objective._train starts one;
@@ -226,7 +225,7 @@ class PackRound:
         beats.remove(member.trial._trial_id)
         if member.run_id is not None:
             try:
-                self.tracker.flush_metrics(member.run_id)
+                self.tracker.metrics.flush(member.run_id)
             finally:
                 record.close_run(self.tracker, member.run_id, end, message)
         if member.run_id is not None and (failed := record.tracking_failure(self.tracker, member.run_id)) \
@@ -235,7 +234,7 @@ class PackRound:
         if end in (record.FAILED, record.KILLED) and message:
             member.trial.set_user_attr(record.ERROR_ATTR, message[:1000])
         state = {record.FINISHED: TrialState.COMPLETE, record.PRUNED_END: TrialState.PRUNED}.get(end, TrialState.FAIL)
-        self.tracker.drain()  # the run's record is complete before the trial ends (record.tracking_failure)
+        self.tracker.background.drain()  # the run's record is complete before the trial ends (record.tracking_failure)
         frozen = self.study.tell(member.trial, value if state == TrialState.COMPLETE else None, state=state)
         self.worker._after_trial(frozen, self.trials_bar)
         return frozen.state
@@ -245,8 +244,8 @@ class PackRound:
         from mnist_tune.train import evaluate
 
         _, test_acc = evaluate(model, self.data.test_x, self.data.test_y)
-        self.tracker.queue_metrics(member.run_id, {"test_acc": test_acc}, step=self.sweep.epochs)
-        self.tracker.flush_metrics(member.run_id)
+        self.tracker.metrics.queue(member.run_id, {"test_acc": test_acc}, step=self.sweep.epochs)
+        self.tracker.metrics.flush(member.run_id)
         model_uri = self.tracker.models.log_model(member.run_id, model, input_example(self.data))
         member.trial.set_user_attr(record.TEST_ACC_ATTR, test_acc)
         member.trial.set_user_attr(record.MODEL_URI_ATTR, model_uri)
@@ -260,7 +259,15 @@ class PackRound:
             self.worker.record.log_best(self.sweep.metric, value, test_acc, member.trial.number, member.run_id,
                                         step=member.trial.number)
 
-    # ---- the round -------------------------------------------------------------------------
+
+
+class PackRound:
+    """One round: ask up to K trials, train them as packs, tell every result."""
+
+    def __init__(self, worker, size: int, trials_bar):
+        self.worker, self.size, self.members = worker, size, MemberTrials(worker, trials_bar)
+        self.study, self.sweep, self.tracker = worker.study, worker.sweep, worker.tracker
+        self.data, self.device = worker.data, worker.device
 
     def run(self) -> None:
         optuna.storages.fail_stale_trials(self.study)
@@ -273,9 +280,9 @@ class PackRound:
                 while waiting:
                     self.train_group(waiting, beats)
             except BaseException as e:
+                end = record.KILLED if isinstance(e, KeyboardInterrupt) else record.FAILED
                 for member in waiting:  # asked, not yet trained: they end as a single trial would
-                    self.end(member, beats, record.KILLED if isinstance(e, KeyboardInterrupt) else record.FAILED,
-                             record.error_text(e))
+                    self.members.end(member, beats, end, record.error_text(e))
                 raise
 
     def ask_more(self, waiting: list[Member], beats: Heartbeats, slots: int, shape: dict | None = None) -> None:
@@ -287,7 +294,7 @@ class PackRound:
         for i in range(wanted):
             if shape and i >= count.waiting:  # ask pops waiting trials (retries) first: no enqueue for those
                 self.study.enqueue_trial(shape, skip_if_exists=False)
-            if (member := self.ask(beats)) is not None:
+            if (member := self.members.ask(beats)) is not None:
                 waiting.append(member)
 
     def _joining(self, waiting: list[Member], key: tuple, slots: int) -> list[Member]:
@@ -310,7 +317,7 @@ class PackRound:
         capacity = max(1, min(self.size, n_train // batch_size))  # K * B rows per step must fit the data
         live = self._joining(waiting, key, capacity)
         for member in live:
-            self.start(member)
+            self.members.start(member)
         pack = None
         try:
             pack = Pack(self.sweep.model, [m.model_hp for m in live], [TrainConfig(**m.train_hp) for m in live],
@@ -326,19 +333,19 @@ class PackRound:
                     member.epochs_done += 1
                     train_loss = float(train_losses[i])
                     if not math.isfinite(train_loss):
-                        self.end(member, beats, record.FAILED, "Diverged: training loss became "
-                                 f"{train_loss} in epoch {member.epochs_done}")
+                        self.members.end(member, beats, record.FAILED, "Diverged: training loss became "
+                                         f"{train_loss} in epoch {member.epochs_done}")
                         continue
                     metrics = EpochMetrics(member.epochs_done, train_loss, val_losses[i], val_accs[i], seconds)
                     member.history.append(metrics)
-                    self.tracker.queue_metrics(member.run_id, metrics.as_dict(), step=member.epochs_done)
+                    self.tracker.metrics.queue(member.run_id, metrics.as_dict(), step=member.epochs_done)
                     value = getattr(metrics, self.sweep.metric)
                     member.trial.report(value, member.epochs_done)
                     if member.trial.should_prune():
-                        self.end(member, beats, record.PRUNED_END,
-                                 f"pruned after epoch {member.epochs_done} ({self.sweep.metric} {value:.4f})")
+                        self.members.end(member, beats, record.PRUNED_END,
+                                         f"pruned after epoch {member.epochs_done} ({self.sweep.metric} {value:.4f})")
                     elif member.epochs_done == self.sweep.epochs:
-                        self.complete(member, pack.member_model(i), beats)
+                        self.members.complete(member, pack.member_model(i), beats)
                     else:
                         staying.append(i)
                 stop.raise_if_requested()
@@ -350,7 +357,7 @@ class PackRound:
                 if len(staying) == len(live) and not joining:
                     continue
                 for member in joining:
-                    self.start(member)
+                    self.members.start(member)
                 # compact to the members that stay, add the ones that join; then a new graph
                 pack.keep_members(staying)
                 pack.add_members([m.model_hp for m in joining], [TrainConfig(**m.train_hp) for m in joining])
@@ -361,7 +368,7 @@ class PackRound:
             end = record.KILLED if isinstance(e, KeyboardInterrupt) else record.FAILED
             for member in live:
                 if member.trial._trial_id in beats.trial_ids:
-                    self.end(member, beats, end, record.error_text(e))
+                    self.members.end(member, beats, end, record.error_text(e))
             if isinstance(e, KeyboardInterrupt):
                 raise
             self.worker.log(f"pack of trials {[m.trial.number for m in live]} failed: {record.error_text(e)}")

@@ -72,7 +72,7 @@ def measure(sweep, settings, tracker, trial: optuna.Trial, run_id: str, outcome,
                "params": parameter_count(sweep.model, model_hp),
                "epoch_seconds": statistics.fmean(m.epoch_seconds for m in outcome.history),
                **latencies(tracker, outcome.model_uri)}
-    tracker.log_metrics(run_id, {k: metrics[k] for k in ("params", *LATENCY_BATCHES)}, step=sweep.epochs)
+    tracker.metrics.log(run_id, {k: metrics[k] for k in ("params", *LATENCY_BATCHES)}, step=sweep.epochs)
     trial.set_user_attr(record.OBJECTIVES_ATTR, metrics)
     for metric, limit in limits_of(settings).items():
         trial.set_constraint(metric, metrics[metric] - limit)

@@ -101,8 +101,8 @@ def tracking_failure(tracker, run_id: str) -> str | None:
     FAILED), or None. Asked before Optuna ends a trial, for two reasons: another worker's
     reconciliation takes a RUNNING run of an ended trial for a crash, and a trial whose run
     FAILED must not end COMPLETE (nor become the champion)."""
-    tracker.drain()
-    return tracker.failures.get(run_id)
+    tracker.background.drain()
+    return tracker.background.failures.get(run_id)
 
 
 class StudyRecord:
@@ -127,7 +127,7 @@ class StudyRecord:
                     ROLE: "study", STUDY: study, MODEL: model, FINGERPRINT: fingerprint})
                 tracker.log_params(mine, params)
                 if sweep_file is not None:
-                    tracker.log_artifact(mine, sweep_file, "sweep")
+                    tracker.files.log_artifact(mine, sweep_file, "sweep")
                 found = cls._parent_runs(tracker, experiment_id, study) or [mine]
                 if mine in found[1:]:
                     tracker.delete_run(mine)
@@ -185,17 +185,17 @@ class StudyRecord:
             version = versions[-1] if versions else self.tracker.models.register_model(name, model_uri)
             self.tracker.models.set_alias(name, CHAMPION, version)
 
-        self.tracker.submit("promote", None, promote)  # after the model's upload, when that is queued
+        self.tracker.background.submit("promote", None, promote)  # after the model's upload, when that is queued
 
     def log_best(self, metric: str, value: float, test_acc: float, number: int, run_id: str,
                  step: int, **counts: int) -> None:
-        self.tracker.log_metrics(self.parent_run_id, {f"best_{metric}": value, "best_test_acc": test_acc,
+        self.tracker.metrics.log(self.parent_run_id, {f"best_{metric}": value, "best_test_acc": test_acc,
                                                       "best_trial": number, **counts}, step=step)
         self.tracker.set_tags(self.parent_run_id, {BEST_TRIAL: number, BEST_RUN_ID: run_id})
 
     def log_files(self, paths, folder: str) -> None:
         for path in paths:
-            self.tracker.log_artifact(self.parent_run_id, path, folder)
+            self.tracker.files.log_artifact(self.parent_run_id, path, folder)
 
     def end(self, status: str) -> None:
         self.tracker.end_run(self.parent_run_id, status)

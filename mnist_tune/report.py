@@ -170,10 +170,10 @@ def log_report(tracker, run_id: str, report: dict, prefix: str = "test") -> None
     """Record ``report`` on an MLflow run through a ``tracking.Tracker``: the 20 per-class
     metrics (``report_metrics``), the whole report as ``evaluation/classifier_report.json``
     and the confusion matrix as ``evaluation/confusion_matrix.png``."""
-    tracker.log_metrics(run_id, report_metrics(report, prefix))
+    tracker.metrics.log(run_id, report_metrics(report, prefix))
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         (folder / "classifier_report.json").write_text(json.dumps(report, indent=1))
         write_confusion_png(report, folder / "confusion_matrix.png")
-        tracker.log_artifact(run_id, folder / "classifier_report.json", REPORT_ARTIFACT_DIR)
-        tracker.log_artifact(run_id, folder / "confusion_matrix.png", REPORT_ARTIFACT_DIR)
+        tracker.files.log_artifact(run_id, folder / "classifier_report.json", REPORT_ARTIFACT_DIR)
+        tracker.files.log_artifact(run_id, folder / "confusion_matrix.png", REPORT_ARTIFACT_DIR)

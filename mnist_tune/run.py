@@ -57,7 +57,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
     epochs = bar(hp.epochs, f"{model_name} epochs", "epoch", position=progress_position, leave=False)
 
     def after_epoch(epoch: int, metrics: EpochMetrics) -> None:
-        tracker.queue_metrics(run_id, metrics.as_dict(), step=epoch)
+        tracker.metrics.queue(run_id, metrics.as_dict(), step=epoch)
         epochs.update(1)
         epochs.set_postfix(val_acc=f"{metrics.val_acc:.4f}", loss=f"{metrics.train_loss:.4f}")
         if on_epoch is not None:
@@ -70,7 +70,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
         outcome = RunOutcome(history=result.history)
         # The test split is for the final report only; nothing is chosen by it.
         _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
-        tracker.queue_metrics(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
+        tracker.metrics.queue(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
     finally:
         epochs.close()
         _flush_epoch_metrics(tracker, run_id)
@@ -85,7 +85,7 @@ def log_run_params(tracker: Tracker, run_id: str, model_name: str, model_hp: dic
                                 "device": device.type,
                                 "parameters": sum(p.numel() for p in model.parameters())})
     if data.lineage:
-        tracker.log_datasets(run_id, dataset_inputs(data, augmentation_text(hp)))
+        tracker.files.log_datasets(run_id, dataset_inputs(data, augmentation_text(hp)))
 
 
 def train_run(tracker: Tracker, experiment: str, run_name: str, model_name: str, model_hp: dict,
@@ -110,7 +110,7 @@ def _flush_epoch_metrics(tracker: Tracker, run_id: str) -> None:
     only warns, so it does not replace the reason the run ended."""
     ending_with = sys.exc_info()[1]
     try:
-        tracker.flush_metrics(run_id)
+        tracker.metrics.flush(run_id)
     except Exception as e:
         if ending_with is None:
             raise

@@ -218,6 +218,19 @@ def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> lis
 # --------------------------------------------------------------------- study set-up
 
 
+def sampler_seed(sweep: Sweep, seed: int | None, trials: int, live: bool) -> int:
+    """The sampler's seed for a worker joining a study of ``trials`` trials (``seed``: --seed).
+    Reproducible for a fresh study; a rerun continues with new draws instead of replaying the
+    first ones; concurrent workers (``live`` trials) draw different points. Not the grid's:
+    its seed shuffles the grid, which numbers the points that trials record, so it stays the
+    same in every worker and rerun (else points are repeated and missed)."""
+    seed = sweep.sampler.get("seed", 0) if seed is None else seed
+    if sweep.sampler["name"] != "grid":
+        seed += trials
+        seed = seed * 100_003 + os.getpid() if live else seed
+    return seed % 2**32
+
+
 def make_sampler(sweep: Sweep, seed: int | None) -> optuna.samplers.BaseSampler:
     from mnist_tune.space import grid
 

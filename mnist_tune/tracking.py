@@ -5,7 +5,7 @@ through ``MlflowClient`` with explicit run ids, because the fluent API keeps glo
 exceptions are ``log_model`` and ``register_model``, which only exist in fluent form.
 Time spent in MLflow calls is summed in ``Tracker.seconds`` so the overhead can be reported.
 
-``Tracker.start_background()`` takes writes off the caller's thread: they are queued in order
+``Tracker.background.start()`` takes writes off the caller's thread: they are queued in order
 for a writer thread, and models are exported by a child process (background.py says why);
 reads wait for the queued writes first, so a caller always reads what it wrote.
 """
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import urllib.error
@@ -28,10 +27,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from mnist_tune.background import Helper, Writer
+from mnist_tune.background import WARM_UP, Background
 from mnist_tune.checks import check_name, check_sqlite_store
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.stores import first_line, redact, resolve_tracking_uri, sqlite_path
+from mnist_tune.stores import redact, resolve_tracking_uri, sqlite_path
 
 # MLflow prints artifact-download progress bars and one "View run" line per run by default.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -50,7 +49,6 @@ for _name in ("mlflow", "alembic"):  # after import: mlflow configures its logge
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 MODEL_NAME = "model"  # artifact name of a logged model: runs:/<run_id>/model
-WARM_UP = "warm_up_model_logging"  # the background job's name, under which ``failures`` reports it
 # Logged explicitly: inferring requirements costs 10-25 s per log_model call here.
 MODEL_REQUIREMENTS = ["torch", "numpy"]
 # Per-epoch metrics are written together at most this often (and when the run ends): a store
@@ -60,7 +58,7 @@ METRICS_FLUSH_SECONDS = 10.0
 
 def _timed(method):
     """Add the call's wall time to its Tracker's totals (per method name, for overhead reports);
-    on the writer thread to ``background_seconds``: that time is not the caller's."""
+    on the writer thread to ``background.seconds``: that time is not the caller's."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         started = time.perf_counter()
@@ -69,8 +67,9 @@ def _timed(method):
         finally:
             elapsed = time.perf_counter() - started
             owner = getattr(self, "tracker", self)
-            if owner.writer is not None and owner.writer.on_writer_thread():
-                owner.background_seconds += elapsed
+            background = owner.background
+            if background.writer is not None and background.writer.on_writer_thread():
+                background.seconds += elapsed
             else:
                 owner.seconds += elapsed
                 owner.seconds_by_call[method.__name__] = owner.seconds_by_call.get(method.__name__, 0.0) + elapsed
@@ -83,11 +82,11 @@ def _deferred(method):
     The first argument is the run id, so a failure marks that run."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        writer = getattr(self, "tracker", self).writer
-        if writer is None or writer.on_writer_thread():
+        background = getattr(self, "tracker", self).background
+        if not background.queues():
             return method(self, *args, **kwargs)
         run_id = args[0] if args and isinstance(args[0], str) else None
-        writer.submit(method.__name__, run_id, lambda: method(self, *args, **kwargs))
+        background.submit(method.__name__, run_id, lambda: method(self, *args, **kwargs))
 
     return wrapper
 
@@ -96,7 +95,7 @@ def _reads(method):
     """A read: waits for the queued writes, so it sees them."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        getattr(self, "tracker", self).drain()
+        getattr(self, "tracker", self).background.drain()
         return method(self, *args, **kwargs)
 
     return wrapper
@@ -128,87 +127,13 @@ class Tracker:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.seconds = 0.0
         self.seconds_by_call: dict[str, float] = {}  # method name -> seconds, for overhead reports
-        self._queued: dict[str, list[Metric]] = {}  # run id -> metrics not yet written
-        self._flushed_at: dict[str, float] = {}  # run id -> time.monotonic() of its last write
-        self.writer: Writer | None = None  # start_background() sets them
-        self.helper: Helper | None = None
-        self._helper_jobs = 0  # queued or running jobs that wait on the helper
-        self.background_seconds = 0.0  # MLflow calls made by the writer thread
         self._runs: dict[str, tuple[str, dict]] = {}  # run id -> (experiment id, params) of runs started here
-        self.log = lambda msg: print(msg, file=sys.stderr)
+        self.background = Background(self)  # writes made here until background.start()
         check_reachable(self.uri)
 
-    def start_background(self, log=None, helper: bool = True) -> Tracker:
-        """From now on, writes are queued for a writer thread (the store opens there while
-        the caller loads data). With ``helper``, models are exported, and plots and reports
-        drawn, by a child process (it imports meanwhile too); give it only where a core is
-        spare (benchmarks/RESULTS.md). Call ``close()`` when done: it waits for every write."""
-        self.log = log or self.log
-        self.writer = Writer(self._failed)
-        if helper:
-            self.helper = Helper(self.uri)
-            self._scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")  # its throwaway saves; removed by close
-        self.writer.submit("open the store", None, lambda: self.client)
-        return self
-
-    def in_background(self, name: str, run_id: str | None, fn, *args) -> None:
-        """``fn(tracker, *args)`` in the child process after the writes queued so far (a
-        failure marks ``run_id``); without one, now, here."""
-        if self.helper is None:
-            fn(self, *args)
-        else:
-            self._helper_job(name, run_id, lambda: self._timed_call(self.helper.call, fn, *args))
-
-    def _helper_job(self, name: str, run_id: str | None, call) -> None:
-        """Queue ``call``, which waits on the helper process; counted, so ``close`` knows what
-        still needs the helper."""
-        def counted():
-            try:
-                call()
-            finally:
-                self._helper_jobs -= 1
-
-        self._helper_jobs += 1
-        self.submit(name, run_id, counted)
-
     @_timed
-    def _timed_call(self, call, *args):
+    def timed_call(self, call, *args):
         return call(*args)
-
-    def drain(self) -> None:
-        """Wait until every queued write is made."""
-        if self.writer is not None:
-            self.writer.drain()
-
-    def close(self, stopping: bool = False) -> None:
-        """Wait for the queued writes and stop the helper process. ``stopping`` (Ctrl-C,
-        SIGTERM): a model-export warm-up still running is abandoned rather than waited for,
-        when no export waits behind it (it keeps nothing)."""
-        if self.writer is not None:
-            current = self.writer.current
-            if stopping and self.helper is not None and current is not None and current.name == WARM_UP \
-                    and self._helper_jobs == 1:
-                self.writer.cancelled.add(WARM_UP)
-                self.helper.kill()
-            self.writer.drain()
-        if self.helper is not None:
-            self.helper.close()
-            self.helper = None
-            shutil.rmtree(self._scratch, ignore_errors=True)
-
-    @property
-    def failures(self) -> dict[str, str]:
-        """Run id -> the background write that failed for it (the run was marked FAILED)."""
-        return self.writer.failures if self.writer is not None else {}
-
-    def _failed(self, job, error: Exception) -> None:
-        """A queued write failed: say so, and mark its run FAILED with the reason."""
-        from mnist_tune.record import ERROR
-
-        self.log(f"tracking: {job.name} of run {job.run_id} failed: {first_line(error)}")
-        if job.run_id:
-            self.client.log_batch(job.run_id, tags=[RunTag(ERROR, f"tracking failed: {job.name}: {first_line(error)}")])
-            self.client.set_terminated(job.run_id, status="FAILED")
 
     @functools.cached_property
     def client(self) -> MlflowClient:
@@ -225,6 +150,14 @@ class Tracker:
     @functools.cached_property
     def models(self) -> Models:
         return Models(self)
+
+    @functools.cached_property
+    def metrics(self) -> Metrics:
+        return Metrics(self)
+
+    @functools.cached_property
+    def files(self) -> Files:
+        return Files(self)
 
     # ------------------------------------------------------------------- experiments
 
@@ -255,7 +188,7 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests by
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
-        self._flushed_at[run.info.run_id] = time.monotonic()  # the metrics flush clock starts now
+        self.metrics.started(run.info.run_id)
         self._runs[run.info.run_id] = (experiment_id, {})
         return run.info.run_id
 
@@ -271,83 +204,19 @@ class Tracker:
 
     @_deferred
     @_timed
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        """All metrics of one step, written now (summaries; per-epoch metrics use queue_metrics)."""
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def queue_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """Per-epoch metrics, stamped now and written together every METRICS_FLUSH_SECONDS;
-        ``flush_metrics`` writes the rest when the run ends (however it ends)."""
-        now = int(time.time() * 1000)
-        queue = self._queued.setdefault(run_id, [])
-        queue.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        last = self._flushed_at.get(run_id, float("-inf"))
-        if time.monotonic() - last >= METRICS_FLUSH_SECONDS or len(queue) >= 500:  # log_batch takes 1000
-            self.flush_metrics(run_id)
-
-    def flush_metrics(self, run_id: str) -> None:
-        """Write the queued metrics (in the background, with a writer); without one they stay
-        queued if the write fails."""
-        if self._queued.get(run_id):
-            self._write_metrics(run_id, self._queued[run_id])
-        self._queued.pop(run_id, None)
-        self._flushed_at[run_id] = time.monotonic()
-
-    @_deferred
-    @_timed
-    def _write_metrics(self, run_id: str, metrics: list[Metric]) -> None:
-        self.client.log_batch(run_id, metrics=metrics)
-
-    @_deferred
-    @_timed
     def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
-    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        """With a writer, a copy of the file is queued: the caller may delete it at once."""
-        staged = None
-        if self.writer is not None and not self.writer.on_writer_thread():
-            staged = Path(tempfile.mkdtemp(prefix="mnist-tune-")) / Path(path).name
-            path = shutil.copy2(path, staged)
-        self._write_artifact(run_id, str(path), folder, staged)
-
-    @_deferred
-    @_timed
-    def _write_artifact(self, run_id: str, path: str, folder: str | None, staged: Path | None) -> None:
-        try:
-            self.client.log_artifact(run_id, path, folder)
-        finally:
-            if staged is not None:
-                shutil.rmtree(staged.parent, ignore_errors=True)
-
-    @_deferred
-    @_timed
-    def log_datasets(self, run_id: str, datasets: list[dict]) -> None:
-        """Dataset inputs (the UI's *Dataset* column): each a dict with name, digest, source
-        (a path or URI), context (training, validation, test) and profile (shown as is)."""
-        inputs = [DatasetInput(
-            Dataset(name=d["name"], digest=d["digest"], source_type="local", source=json.dumps({"uri": d["source"]}),
-                    profile=json.dumps(d["profile"])), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
-            for d in datasets]
-        try:
-            self.client.log_inputs(run_id, datasets=inputs)
-        except MlflowException:
-            # Workers logging a dataset new to the experiment at once race on its unique key
-            # (the loser gets BAD_REQUEST: IntegrityError); a second try finds it.
-            time.sleep(0.5)
-            self.client.log_inputs(run_id, datasets=inputs)
-
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
-        self._flushed_at.pop(run_id, None)
+        self.metrics.ended(run_id)
         self._runs.pop(run_id, None)
         self._terminate(run_id, status)
 
     @_deferred
     @_timed
     def _terminate(self, run_id: str, status: str) -> None:
-        if run_id in self.failures:  # a background write for it failed: it stays FAILED
+        if run_id in self.background.failures:  # a background write for it failed: it stays FAILED
             status = "FAILED"
         self.client.set_terminated(run_id, status=status)
 
@@ -355,14 +224,6 @@ class Tracker:
     @_timed
     def set_status(self, run_id: str, status: str) -> None:
         self.client.update_run(run_id, status=status)
-
-    def submit(self, name: str, run_id: str | None, call) -> None:
-        """Run ``call`` (MLflow calls through this tracker) after the writes queued so far; now
-        when there is no writer."""
-        if self.writer is None or self.writer.on_writer_thread():
-            call()
-        else:
-            self.writer.submit(name, run_id, call)
 
     @_reads
     @_timed
@@ -399,6 +260,89 @@ class Tracker:
         return self.client.search_runs([experiment_id], filter_string, max_results=max_results)
 
 
+class Metrics:
+    """A run's metrics, timed on the tracker: ``log`` writes one step's values now (summaries);
+    ``queue`` stamps per-epoch values now and writes them together every METRICS_FLUSH_SECONDS;
+    ``flush`` writes the rest when the run ends (however it ends)."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self._queued: dict[str, list[Metric]] = {}  # run id -> metrics not yet written
+        self._flushed_at: dict[str, float] = {}  # run id -> time.monotonic() of its last write
+
+    def started(self, run_id: str) -> None:
+        self._flushed_at[run_id] = time.monotonic()  # the flush clock starts with the run
+
+    def ended(self, run_id: str) -> None:
+        self._flushed_at.pop(run_id, None)
+
+    def log(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._write_metrics(run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def queue(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        queue = self._queued.setdefault(run_id, [])
+        queue.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        last = self._flushed_at.get(run_id, float("-inf"))
+        if time.monotonic() - last >= METRICS_FLUSH_SECONDS or len(queue) >= 500:  # log_batch takes 1000
+            self.flush(run_id)
+
+    def flush(self, run_id: str) -> None:
+        """Write the queued metrics (in the background, with a writer); without one they stay
+        queued if the write fails."""
+        if self._queued.get(run_id):
+            self._write_metrics(run_id, self._queued[run_id])
+        self._queued.pop(run_id, None)
+        self._flushed_at[run_id] = time.monotonic()
+
+    @_deferred
+    @_timed
+    def _write_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        self.tracker.client.log_batch(run_id, metrics=metrics)
+
+
+class Files:
+    """What a run wrote and read besides numbers: artifacts, and its dataset inputs (lineage)."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        """With a writer, a copy of the file is queued: the caller may delete it at once."""
+        staged = None
+        if self.tracker.background.queues():
+            staged = Path(tempfile.mkdtemp(prefix="mnist-tune-")) / Path(path).name
+            path = shutil.copy2(path, staged)
+        self._write_artifact(run_id, str(path), folder, staged)
+
+    @_deferred
+    @_timed
+    def _write_artifact(self, run_id: str, path: str, folder: str | None, staged: Path | None) -> None:
+        try:
+            self.tracker.client.log_artifact(run_id, path, folder)
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged.parent, ignore_errors=True)
+
+    @_deferred
+    @_timed
+    def log_datasets(self, run_id: str, datasets: list[dict]) -> None:
+        """Dataset inputs (the UI's *Dataset* column): each a dict with name, digest, source
+        (a path or URI), context (training, validation, test) and profile (shown as is)."""
+        inputs = [DatasetInput(
+            Dataset(name=d["name"], digest=d["digest"], source_type="local", source=json.dumps({"uri": d["source"]}),
+                    profile=json.dumps(d["profile"])), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+            for d in datasets]
+        try:
+            self.tracker.client.log_inputs(run_id, datasets=inputs)
+        except MlflowException:
+            # Workers logging a dataset new to the experiment at once race on its unique key
+            # (the loser gets BAD_REQUEST: IntegrityError); a second try finds it.
+            time.sleep(0.5)
+            self.tracker.client.log_inputs(run_id, datasets=inputs)
+
+
 class Models:
     """Logged models and the registry; calls are timed on the tracker."""
 
@@ -415,11 +359,11 @@ class Models:
         the export is queued: the caller does not touch ``model`` again.
         """
         tracker = self.tracker
-        if tracker.helper is not None and model_id is None and run_id in tracker._runs:
+        if tracker.background.helper is not None and model_id is None and run_id in tracker._runs:
             experiment_id, params = tracker._runs[run_id]
             model_id = tracker.client.create_logged_model(experiment_id, MODEL_NAME, run_id, params=params).model_id
             payload = to_bytes(model)
-            tracker._helper_job("log_model", run_id, lambda: self._export(run_id, model_id, payload, example))
+            tracker.background.helper_job("log_model", run_id, lambda: self._export(run_id, model_id, payload, example))
             return f"models:/{model_id}"
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
@@ -434,14 +378,14 @@ class Models:
         """On the writer thread: the child process saves and logs the model; a failure leaves
         the logged model FAILED (and, through the writer, its run)."""
         try:
-            self.tracker.helper.call(_log_model, run_id, model_id, model, example)
+            self.tracker.background.helper.call(_log_model, run_id, model_id, model, example)
         except Exception:
             self.tracker.client.finalize_logged_model(model_id, "FAILED")
             raise
 
     def load_model(self, uri: str):
         """The logged model ``uri`` (after the queued writes), as a torch module on the CPU."""
-        self.tracker.drain()
+        self.tracker.background.drain()
         return load_model(uri, self.tracker.uri)
 
     @_timed
@@ -450,9 +394,9 @@ class Models:
         save in a process pays torch.export's import and MLflow's package scan, which should
         not be charged to a trial; an architecture that cannot be exported fails here (with
         a helper process: there, queued, and ``failures`` says so under WARM_UP)."""
-        tracker = self.tracker
-        if tracker.helper is not None:
-            return tracker.in_background(WARM_UP, None, _warm_up, to_bytes(model), example, tracker._scratch)
+        background = self.tracker.background
+        if background.helper is not None:
+            return background.run(WARM_UP, None, _warm_up, to_bytes(model), example, background.scratch)
         with tempfile.TemporaryDirectory(dir=scratch) as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
 
@@ -481,13 +425,11 @@ class NullTracker:
     measures tracking's cost against (a study run with it leaves no trace in MLflow)."""
 
     uri, is_embedded, writer, helper = "(no tracking)", False, None, None
-    seconds = background_seconds = 0.0
+    seconds = 0.0
 
     def __init__(self):
-        self.seconds_by_call, self.failures, self.models = {}, {}, self
-
-    def start_background(self, log=None, helper: bool = True) -> NullTracker:
-        return self
+        self.seconds_by_call, self.failures = {}, {}
+        self.models = self.metrics = self.files = self.background = self  # nothing queued, failed, waited for
 
     def start_run(self, *args, **kwargs) -> str:
         return uuid.uuid4().hex
@@ -498,7 +440,7 @@ class NullTracker:
     def log_model(self, run_id: str, *args, **kwargs) -> str:
         return f"runs:/{run_id}/{MODEL_NAME}"
 
-    def in_background(self, *args) -> None:
+    def run(self, *args) -> None:
         """Plots and the champion's report are drawn only to be logged: not drawn."""
 
     def search_runs(self, *args, **kwargs) -> list:

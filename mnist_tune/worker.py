@@ -39,6 +39,7 @@ from mnist_tune.study import (
     live_trials,
     make_sampler,
     open_storage,
+    sampler_seed,
     this_worker,
 )
 from mnist_tune.tracking import WARM_UP, Tracker
@@ -70,7 +71,7 @@ class Objective:
                 trial.set_user_attr(record.ERROR_ATTR, record.error_text(e)[:1000])
             raise
         finally:
-            self.tracker.drain()  # the run's record is complete before Optuna ends the trial (record.tracking_failure)
+            self.tracker.background.drain()  # done before Optuna ends the trial: record.tracking_failure
             self.seconds += time.perf_counter() - started
             self.tracking_seconds += self.tracker.seconds - tracked
 
@@ -159,15 +160,8 @@ class Worker:
                 "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
                 "(--storage postgresql://…)")
         warm.enqueue(self.study, self.settings.enqueue, "--enqueue", self.settings.trials, self.log)
-        # Reproducible for a fresh study; a rerun continues with new draws instead of replaying
-        # the first ones; concurrent workers (live trials) draw different points.
-        # Not the grid's: its seed shuffles the grid, which numbers the points that trials record,
-        # so it stays the same in every worker and rerun (else points are repeated and missed).
-        seed = self.sweep.sampler.get("seed", 0) if self.settings.seed is None else self.settings.seed
-        if self.sweep.sampler["name"] != "grid":
-            seed += len(self.study.get_trials(deepcopy=False))
-            seed = seed * 100_003 + os.getpid() if live else seed
-        self.study.sampler = make_sampler(self.sweep, seed % 2**32)
+        seed = sampler_seed(self.sweep, self.settings.seed, len(self.study.get_trials(deepcopy=False)), bool(live))
+        self.study.sampler = make_sampler(self.sweep, seed)
         pareto.store_limits(self.study, self.settings)
         self.record = record.StudyRecord.attach(
             self.tracker, self.name, self.sweep.model, self.sweep.fingerprint(),
@@ -208,7 +202,7 @@ class Worker:
                 warm_up_model_logging(self.tracker, self.sweep.model, self.data)
             while not stop.finish_requested():
                 stop.raise_if_requested()
-                if error := self.tracker.failures.get(WARM_UP):  # no model could be saved
+                if error := self.tracker.background.failures.get(WARM_UP):  # no model could be saved
                     raise MnistTuneError(f"cannot save a {self.sweep.model} model with MLflow: {error}")
                 if self.settings.timeout and time.monotonic() - started > self.settings.timeout:
                     break
@@ -272,7 +266,7 @@ class Worker:
         self.record.end("FINISHED")
 
     def _log_plots(self, png: bool = True) -> None:
-        self.tracker.in_background("plots", None, log_study_plots, resolve_storage(self.settings.storage),
+        self.tracker.background.run("plots", None, log_study_plots, resolve_storage(self.settings.storage),
                                    self.name, self.sweep.metric, self.record.parent_run_id, png)
 
     def interrupted(self) -> None:
@@ -303,7 +297,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
     # process too where a core is spare: training's OpenMP threads stall whenever one of them
     # loses its core (epochs 2-3x slower on 2 cores with the helper, benchmarks/RESULTS.md).
     spare_core = torch_device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
-    tracker.start_background(log, helper=spare_core)
+    tracker.background.start(log, helper=spare_core)
     try:
         # Moved to the device once per worker, not once per trial; meanwhile the MLflow store
         # opens and the helper process imports.
@@ -314,15 +308,15 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
             count = worker.run()
         except KeyboardInterrupt as e:  # stop.Interrupted (SIGTERM, Ctrl-C), or Ctrl-C outside the loop
             worker.interrupted()
-            tracker.close(stopping=True)
+            tracker.background.close(stopping=True)
             e.outcome = "the current trial was closed, rerun the command to finish the study"
             raise
         with stop.signals_deferred():  # the trials are done: a signal now waits for their record to be complete
             worker.finish()
-            tracker.close()
+            tracker.background.close()
         return summary(worker, count, time.perf_counter() - started)
     finally:
-        tracker.close()  # everything queued is written (a second Ctrl-C stops waiting)
+        tracker.background.close()  # everything queued is written (a second Ctrl-C stops waiting)
 
 
 def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
@@ -343,12 +337,13 @@ def summary(worker: Worker, count: BudgetCount, wall: float) -> list[str]:
                   f"model: runs:/{run_id}/model"]
     lines += confirm.summary_lines(worker.study)
     top = sorted(tracker.seconds_by_call.items(), key=lambda kv: -kv[1])[:3]
+    background = tracker.background
     lines.append(f"tracking: {tracker.seconds:.1f} s in MLflow calls ({100 * tracker.seconds / wall:.1f} % of wall "
                  "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in top) + ")"
-                 + (f"; {tracker.background_seconds:.1f} s more in the background" if tracker.writer else ""))
-    if tracker.failures:
-        lines.append(f"tracking failed for {len(tracker.failures)} run(s), marked FAILED: "
-                     + "; ".join(f"{run} {why}" for run, why in tracker.failures.items()))
+                 + (f"; {background.seconds:.1f} s more in the background" if background.writer else ""))
+    if background.failures:
+        lines.append(f"tracking failed for {len(background.failures)} run(s), marked FAILED: "
+                     + "; ".join(f"{run} {why}" for run, why in background.failures.items()))
     inside = worker.objective
     if inside.seconds:
         lines.append(f"  inside trials: {inside.tracking_seconds:.1f} s of {inside.seconds:.0f} s "
@@ -383,7 +378,7 @@ def report_champion(tracker: Tracker, run_id: str, data) -> None:
     logged model (as `mnist-tune evaluate` does), so the UI shows where the champion errs."""
     if run_id:
         # As numpy: tensors would be pickled through shared memory on the writer thread (tracking.to_bytes says why not)
-        tracker.in_background("champion report", None, _report, run_id, data.test_x.cpu().numpy(),
+        tracker.background.run("champion report", None, _report, run_id, data.test_x.cpu().numpy(),
                               data.test_y.cpu().numpy())
 
 
@@ -407,4 +402,4 @@ def log_study_plots(tracker: Tracker, storage: str, name: str, metric: str, run_
         paths = (write_pareto_plots(study, Path(folder), png=png) if pareto.is_multi(study)
                  else write_study_plots(study, Path(folder), metric, png=png))
         for path in paths:
-            tracker.log_artifact(run_id, path, "plots")
+            tracker.files.log_artifact(run_id, path, "plots")

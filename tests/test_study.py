@@ -231,7 +231,8 @@ def test_a_trial_whose_tracking_failed_fails_too(synthetic_env, tmp_path):
     from mnist_tune.worker import Worker, WorkerSettings
 
     (tmp_path / "dsfail.yaml").write_text(DATASET_FAILS)
-    tracker = Tracker(None).start_background(helper=False)
+    tracker = Tracker(None)
+    tracker.background.start(helper=False)
     worker = Worker(sweep_for(None, str(tmp_path / "dsfail.yaml")),
                     WorkerSettings(trials=2, storage=optuna_storage(tmp_path), plots=False), tracker,
                     load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"))
@@ -246,7 +247,7 @@ def test_a_trial_whose_tracking_failed_fails_too(synthetic_env, tmp_path):
 
     worker.run()
     worker.finish()
-    tracker.close()
+    tracker.background.close()
 
     assert len(refused) == 2
     study = optuna.load_study(study_name="dsfail", storage=optuna_storage(tmp_path))

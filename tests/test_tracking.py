@@ -31,12 +31,12 @@ def test_epoch_metrics_are_written_together(tmp_path, monkeypatch):
         return [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "val_acc")]
 
     for epoch in (1, 2):
-        tracker.queue_metrics(run_id, {"val_acc": epoch / 10}, step=epoch)
+        tracker.metrics.queue(run_id, {"val_acc": epoch / 10}, step=epoch)
     assert history() == []
-    tracker.flush_metrics(run_id)
+    tracker.metrics.flush(run_id)
     assert history() == [(1, 0.1), (2, 0.2)]
     monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)  # a slow epoch: due at once
-    tracker.queue_metrics(run_id, {"val_acc": 0.3}, step=3)
+    tracker.metrics.queue(run_id, {"val_acc": 0.3}, step=3)
     assert history() == [(1, 0.1), (2, 0.2), (3, 0.3)]
 
 
@@ -172,47 +172,48 @@ def test_champion_moves_to_the_promoted_run_and_reuses_its_version(tracker):
 
 
 @pytest.fixture(scope="module")
-def background(tmp_path_factory):
-    """One background tracker for these tests (its helper process takes seconds to start);
+def queued(tmp_path_factory):
+    """One tracker with a background for these tests (its helper process takes seconds to start);
     ``said`` keeps what it printed."""
     said = []
     tracker = tracking.Tracker(f"sqlite:///{tmp_path_factory.mktemp('background')}/mlflow.db")
-    tracker.start_background(log=said.append).said = said
+    tracker.background.start(log=said.append)
+    tracker.said = said
     yield tracker
-    tracker.close()
+    tracker.background.close()
 
 
-def test_background_writes_land_in_order_and_reads_see_them(background):
+def test_background_writes_land_in_order_and_reads_see_them(queued):
     """Writes return at once and are made in order: the run ends after its model is logged,
     and a read waits for what was queued before it."""
-    run_id = background.start_run(background.experiment("async"), "run")
-    background.log_params(run_id, {"lr": 0.01})
-    background.queue_metrics(run_id, {"val_acc": 0.5}, step=1)
-    background.flush_metrics(run_id)
-    uri = background.models.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
-    background.end_run(run_id, "KILLED")
-    run = background.get_run(run_id)  # waits for the queue
+    run_id = queued.start_run(queued.experiment("async"), "run")
+    queued.log_params(run_id, {"lr": 0.01})
+    queued.metrics.queue(run_id, {"val_acc": 0.5}, step=1)
+    queued.metrics.flush(run_id)
+    uri = queued.models.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+    queued.end_run(run_id, "KILLED")
+    run = queued.get_run(run_id)  # waits for the queue
     assert run.data.params["lr"] == "0.01" and run.data.metrics["val_acc"] == 0.5
     assert run.info.status == "KILLED" and run.outputs.model_outputs[0].model_id == uri.split("/")[-1]
-    logged = background.client.get_logged_model(uri.split("/")[-1])
+    logged = queued.client.get_logged_model(uri.split("/")[-1])
     assert logged.status.name == "READY" and logged.params["lr"] == "0.01" and logged.source_run_id == run_id
-    assert background.background_seconds > 0 and run_id not in background.failures
-    model = tracking.load_model(uri, background.uri)
+    assert queued.background.seconds > 0 and run_id not in queued.background.failures
+    model = tracking.load_model(uri, queued.uri)
     assert model(torch.as_tensor(example())).shape == (4, 10)
 
 
-def test_a_failed_background_write_marks_its_run_and_is_reported(background):
+def test_a_failed_background_write_marks_its_run_and_is_reported(queued):
     """A write that fails in the background is never lost silently: it is logged, listed in
     ``failures``, and its run ends FAILED with the reason, whatever status was asked."""
-    run_id = background.start_run(background.experiment("fails"), "run")
-    background.log_params(run_id, {"lr": 0.01})
-    background.log_params(run_id, {"lr": 0.02})  # MLflow refuses to change a logged param
-    background.end_run(run_id, "FINISHED")
-    background.drain()
-    run = background.client.get_run(run_id)
+    run_id = queued.start_run(queued.experiment("fails"), "run")
+    queued.log_params(run_id, {"lr": 0.01})
+    queued.log_params(run_id, {"lr": 0.02})  # MLflow refuses to change a logged param
+    queued.end_run(run_id, "FINISHED")
+    queued.background.drain()
+    run = queued.client.get_run(run_id)
     assert run.info.status == "FAILED" and "tracking failed: _write_params" in run.data.tags[record.ERROR]
-    assert background.failures[run_id].startswith("_write_params")
-    assert [line for line in background.said if run_id in line] != []
+    assert queued.background.failures[run_id].startswith("_write_params")
+    assert [line for line in queued.said if run_id in line] != []
 
 
 class NotExportable(torch.nn.Module):
@@ -222,14 +223,14 @@ class NotExportable(torch.nn.Module):
         return x.flatten(1)[:, :10] if x.sum() > 0 else x.flatten(1)[:, 10:20]
 
 
-def test_a_failed_model_export_leaves_the_model_and_run_failed(background):
-    run_id = background.start_run(background.experiment("export"), "run")
-    uri = background.models.log_model(run_id, NotExportable(), example())
-    background.end_run(run_id)
-    background.drain()
-    assert background.client.get_logged_model(uri.split("/")[-1]).status.name == "FAILED"
-    assert background.client.get_run(run_id).info.status == "FAILED"
-    assert "log_model" in background.failures[run_id]
+def test_a_failed_model_export_leaves_the_model_and_run_failed(queued):
+    run_id = queued.start_run(queued.experiment("export"), "run")
+    uri = queued.models.log_model(run_id, NotExportable(), example())
+    queued.end_run(run_id)
+    queued.background.drain()
+    assert queued.client.get_logged_model(uri.split("/")[-1]).status.name == "FAILED"
+    assert queued.client.get_run(run_id).info.status == "FAILED"
+    assert "log_model" in queued.background.failures[run_id]
 
 
 def test_the_helper_process_ends_with_its_parent(tmp_path):
@@ -239,7 +240,7 @@ def test_the_helper_process_ends_with_its_parent(tmp_path):
     import time
 
     code = ("import os, sys; from mnist_tune.tracking import Tracker; "
-            f"t = Tracker('sqlite:///{tmp_path}/mlflow.db').start_background(); "
+            f"t = Tracker('sqlite:///{tmp_path}/mlflow.db').background.start(); "
             "print(t.helper.process.pid, flush=True); sys.stdin.readline()")
     parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
