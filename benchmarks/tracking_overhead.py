@@ -10,14 +10,17 @@ checked the same way.
     python benchmarks/tracking_overhead.py --threads 1 --repeats 2    # a core spare: exports in the helper
 
 Prints each wall time (the process's, as a user sees `mnist-tune study`), the ratio
-tracked / no-op, and the checks. With --repeats N the order alternates (ratio of sums).
+tracked / no-op, and the checks. With --repeats N the order alternates (ratios of the sums and
+of the medians). Each study's temporary store is removed once checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,7 @@ def sigterm_check(args) -> str:
     sent = time.monotonic()
     proc.communicate()
     problems = check_nothing_lost(home, args.study_name, stopped=True)
+    shutil.rmtree(home, ignore_errors=True)
     return (f"SIGTERM after {len(study.trials)} trials: exit {proc.returncode} in {time.monotonic() - sent:.1f} s; "
             + ("nothing lost" if not problems else "LOST: " + "; ".join(problems)))
 
@@ -167,9 +171,11 @@ def main() -> None:
             if mode != "null":
                 problems = check_nothing_lost(home, args.study_name)
                 print("         check: " + ("nothing lost" if not problems else "LOST: " + "; ".join(problems)))
+            shutil.rmtree(home, ignore_errors=True)
     for mode in modes:
         if mode != "null" and "null" in walls:
-            print(f"ratio {mode} / no-op: {sum(walls[mode]) / sum(walls['null']):.3f}")
+            print(f"ratio {mode} / no-op: {sum(walls[mode]) / sum(walls['null']):.3f} (sums), "
+                  f"{statistics.median(walls[mode]) / statistics.median(walls['null']):.3f} (medians)")
     if not args.no_sigterm:
         print(sigterm_check(args), flush=True)
 
