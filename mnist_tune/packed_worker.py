@@ -228,13 +228,12 @@ class MemberTrials:
                 self.tracker.metrics.flush(member.run_id)
             finally:
                 record.close_run(self.tracker, member.run_id, end, message)
-        if member.run_id is not None and (failed := record.tracking_failure(self.tracker, member.run_id)) \
-                and end == record.FINISHED:
+        # drains: the run's record is complete before the trial ends (record.tracking_failure says why)
+        if (failed := record.tracking_failure(self.tracker, member.run_id)) and end == record.FINISHED:
             end, message = record.FAILED, f"its MLflow run {member.run_id} is FAILED: tracking failed ({failed})"
         if end in (record.FAILED, record.KILLED) and message:
             member.trial.set_user_attr(record.ERROR_ATTR, message[:1000])
         state = {record.FINISHED: TrialState.COMPLETE, record.PRUNED_END: TrialState.PRUNED}.get(end, TrialState.FAIL)
-        self.tracker.background.drain()  # the run's record is complete before the trial ends (record.tracking_failure)
         frozen = self.study.tell(member.trial, value if state == TrialState.COMPLETE else None, state=state)
         self.worker._after_trial(frozen, self.trials_bar)
         return frozen.state

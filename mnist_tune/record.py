@@ -96,7 +96,7 @@ def run_lifecycle(tracker, run_id: str, pruned: tuple[type[BaseException], ...] 
     close_run(tracker, run_id, FINISHED)
 
 
-def tracking_failure(tracker, run_id: str) -> str | None:
+def tracking_failure(tracker, run_id: str | None) -> str | None:
     """Once the queued writes are made, why tracking failed for ``run_id`` (its run is then
     FAILED), or None. Asked before Optuna ends a trial, for two reasons: another worker's
     reconciliation takes a RUNNING run of an ended trial for a crash, and a trial whose run
