@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from mnist_tune.data import write_idx
 
@@ -56,6 +57,13 @@ def make_synthetic_mnist(folder: Path, n_train: int = 1200, n_test: int = 300, s
         sums[name] = hashlib.md5(raw).hexdigest()
     (folder / "md5sums.txt").write_text("".join(f"{md5}  {name}\n" for name, md5 in sums.items()))
     return sums
+
+
+def write_file(folder: Path, name: str, text) -> Path:
+    """``folder/name`` holding ``text`` (a mapping is written as YAML); returns its path."""
+    path = Path(folder) / name
+    path.write_text(text if isinstance(text, str) else yaml.safe_dump(text))
+    return path
 
 
 def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:

@@ -11,7 +11,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import run_cli
+from helpers import run_cli, write_file
+from test_study import embedded_tracking, optuna_storage
 
 # Parameters of the MLP 784-w(-w)-10: w=16: 12,730; w=64: 50,890 (depth 2: +4,160); w=256: 203,530.
 MULTI_SWEEP = """
@@ -42,16 +43,6 @@ space:
 MAX_PARAMS = 60_000
 
 
-def stores(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-
-
-def sweep_file(tmp_path, text, name):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
-    return path
-
-
 def dominated(a: dict, by: dict) -> bool:
     """On (val_acc max, params min)."""
     at_least = by["val_acc"] >= a["val_acc"] and by["params"] <= a["params"]
@@ -60,8 +51,8 @@ def dominated(a: dict, by: dict) -> bool:
 
 @pytest.mark.slow
 def test_multi_objective_study_front_and_champion_within_the_limit(synthetic_env, tmp_path):
-    storage, tracking = stores(tmp_path)
-    sweep = sweep_file(tmp_path, MULTI_SWEEP, "pareto")
+    storage, tracking = optuna_storage(tmp_path), embedded_tracking(tmp_path)
+    sweep = write_file(tmp_path, "pareto.yaml", MULTI_SWEEP)
     out = run_cli("study", "--sweep", sweep, "--trials", 5, "--max-params", MAX_PARAMS, "--device", "cpu",
                   env=synthetic_env).stdout
     assert "champion (the most accurate on the Pareto front within the limits): trial" in out
@@ -107,8 +98,8 @@ def test_multi_objective_study_front_and_champion_within_the_limit(synthetic_env
 
 @pytest.mark.slow
 def test_confirmation_runs_are_nested_tagged_counted_and_pick_the_best_mean(synthetic_env, tmp_path):
-    storage, tracking = stores(tmp_path)
-    sweep = sweep_file(tmp_path, SINGLE_SWEEP, "single")
+    storage, tracking = optuna_storage(tmp_path), embedded_tracking(tmp_path)
+    sweep = write_file(tmp_path, "single.yaml", SINGLE_SWEEP)
     args = ("study", "--sweep", sweep, "--trials", 4, "--confirm-top", 2, "--confirm-seeds", 2, "--device", "cpu",
             "--no-plots")
     out = run_cli(*args, env=synthetic_env).stdout
@@ -185,7 +176,7 @@ def test_bad_objectives_and_limits_are_refused_before_anything_is_written(synthe
                                                                            mention):
     text = SINGLE_SWEEP if change is None else SINGLE_SWEEP.replace(
         "study: {sampler: {name: random, seed: 0}, pruner: none}", "study:\n  " + change)
-    sweep = sweep_file(tmp_path, text, "bad")
+    sweep = write_file(tmp_path, "bad.yaml", text)
     proc = run_cli("study", "--sweep", sweep, "--trials", 1, *flags, env=synthetic_env, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()

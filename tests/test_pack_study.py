@@ -14,21 +14,9 @@ from mnist_tune.data import load_test_split
 from mnist_tune.models import as_input
 
 from helpers import run_cli
-from test_study import check_study_matches_mlflow, embedded_tracking, optuna_storage
+from test_study import TINY_SWEEP, check_study_matches_mlflow, embedded_tracking, optuna_storage
 
-SWEEP = """
-name: tiny
-model: mlp
-study:
-  sampler: {name: random, seed: 0}
-  pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
-train: {epochs: 2, val_size: 200}
-fixed: {hidden_sizes: [32]}
-space:
-  lr: {type: categorical, choices: [0.003, 1.0e-6, .inf]}
-  batch_size: {type: categorical, choices: [50, 100]}
-  dropout: {type: float, low: 0.0, high: 0.3}
-"""
+SWEEP = TINY_SWEEP.replace("epochs: 3", "epochs: 2")  # test_study's tiny sweep, one epoch shorter
 
 
 def child_layout(client, run_id):

@@ -19,7 +19,7 @@ from mnist_tune.config import SWEEPS_DIR, load_enqueue_file, load_sweep
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.space import suggest
 
-from helpers import run_cli
+from helpers import run_cli, write_file
 from test_study import embedded_tracking, optuna_storage
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -57,12 +57,6 @@ enqueue:
 """
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text if isinstance(text, str) else yaml.safe_dump(text))
-    return path
-
-
 def child_runs(tracking, experiment):
     client = MlflowClient(tracking)
     found = client.get_experiment_by_name(experiment)
@@ -98,9 +92,9 @@ def test_default_study_starts_with_the_seed_configuration_and_best_shows_anchors
 
 
 def test_warm_start_copies_compatible_trials_and_runs_its_own_budget(synthetic_env, tmp_path):
-    source_sweep = write(tmp_path, "source.yaml", SOURCE_SWEEP)
-    narrow_sweep = write(tmp_path, "narrow.yaml", NARROW_SWEEP)
-    more = write(tmp_path, "more.yaml", MORE)
+    source_sweep = write_file(tmp_path, "source.yaml", SOURCE_SWEEP)
+    narrow_sweep = write_file(tmp_path, "narrow.yaml", NARROW_SWEEP)
+    more = write_file(tmp_path, "more.yaml", MORE)
     first = run_cli("study", "--sweep", source_sweep, "--trials", "3", "--enqueue", more, *QUICK, env=synthetic_env)
     assert "--enqueue: 1 configuration(s) enqueued, 1 already in study 'source'" in first.stderr
     storage, tracking = optuna_storage(tmp_path), embedded_tracking(tmp_path)
@@ -132,12 +126,13 @@ def test_warm_start_copies_compatible_trials_and_runs_its_own_budget(synthetic_e
     copies, line = warm.warm_start_trials(study_module.open_storage(storage), "source", load_sweep(narrow_sweep),
                                           "narrow")
     assert copies == [] and "0 trial(s) copied (none new), 2 copied before" in line
-    mixer = write(tmp_path, "mixer.yaml", "name: m\nmodel: mixer\ntrain: {epochs: 1, val_size: 200}\n"
-                                          "space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2}}\n")
-    other = write(tmp_path, "other.yaml", NARROW_SWEEP.replace("  dropout: {type: float, low: 0.0, high: 0.2}\n", "")
+    mixer = write_file(tmp_path, "mixer.yaml", "name: m\nmodel: mixer\ntrain: {epochs: 1, val_size: 200}\n"
+                                               "space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2}}\n")
+    other_text = (NARROW_SWEEP.replace("  dropout: {type: float, low: 0.0, high: 0.2}\n", "")
                   .replace("lr: {type: categorical, choices: [0.003, 0.01]}",
                            "weight_decay: {type: float, low: 0.0, high: 0.1}")
                   .replace("  batch_size: {type: categorical, choices: [50, 100]}\n", ""))
+    other = write_file(tmp_path, "other.yaml", other_text)
     before = store_bytes(tmp_path)
     for args, message in [
         (["--sweep", mixer], "--warm-start-from source: it tuned model mlp, this sweep tunes mixer"),
@@ -160,7 +155,7 @@ def test_grid_and_enqueued_duplicates_are_not_trained_twice(synthetic_env, tmp_p
     """The grid sampler does not count an enqueued trial as a grid point, so it proposes the
     enqueued configuration again: that trial ends with the earlier value, untrained. A rerun
     goes on with the same grid (its points keep their numbers) and tries the point left."""
-    sweep = write(tmp_path, "grid.yaml", GRID_SWEEP)
+    sweep = write_file(tmp_path, "grid.yaml", GRID_SWEEP)
     first = run_cli("study", "--sweep", sweep, "--trials", "2", *QUICK, env=synthetic_env)
     second = run_cli("study", "--sweep", sweep, "--trials", "3", *QUICK, env=synthetic_env)
     assert "3/3 trials (3 complete" in second.stdout
@@ -220,7 +215,7 @@ def test_duplicates_of_pruned_and_running_trials_end_pruned(storage):
 
 
 def test_budget_ignores_copied_and_not_yet_started_enqueued_trials(storage, tmp_path):
-    sweep = load_sweep(write(tmp_path, "source.yaml", SOURCE_SWEEP))
+    sweep = load_sweep(write_file(tmp_path, "source.yaml", SOURCE_SWEEP))
     s = study_module.create_or_load(storage, sweep, "source", None)
     assert [t.state for t in s.trials] == [TrialState.WAITING] * 2  # the sweep's enqueue list
     copied = optuna.trial.create_trial(params={}, distributions={}, value=0.9,
@@ -237,13 +232,14 @@ def test_budget_ignores_copied_and_not_yet_started_enqueued_trials(storage, tmp_
 
 
 def test_pruned_trials_are_copied_with_their_intermediate_values(storage, tmp_path):
-    sweep = load_sweep(write(tmp_path, "source.yaml", SOURCE_SWEEP))
+    sweep = load_sweep(write_file(tmp_path, "source.yaml", SOURCE_SWEEP))
     s = study_module.create_or_load(storage, sweep, "source", None)
     first = s.ask()  # the first enqueued configuration
     suggest(first, sweep)
     first.report(0.7, 1)
     s.tell(first, state=TrialState.PRUNED)
-    copies, line = warm.warm_start_trials(storage, "source", load_sweep(write(tmp_path, "n.yaml", NARROW_SWEEP)), "n")
+    narrow = load_sweep(write_file(tmp_path, "n.yaml", NARROW_SWEEP))
+    copies, line = warm.warm_start_trials(storage, "source", narrow, "n")
     assert len(copies) == 1 and copies[0].state == TrialState.PRUNED and copies[0].intermediate_values == {1: 0.7}
     assert line == ("warm start from study 'source': 1 trial(s) copied (1 pruned); skipped 1 not finished "
                     "(failed, running or waiting)")
@@ -262,32 +258,32 @@ def test_pruned_trials_are_copied_with_their_intermediate_values(storage, tmp_pa
 ])
 def test_bad_enqueue_entries_name_file_key_and_problem(tmp_path, entries, key, problem):
     doc = {**yaml.safe_load(SOURCE_SWEEP), "enqueue": entries}
-    path = write(tmp_path, "bad.yaml", doc)
+    path = write_file(tmp_path, "bad.yaml", doc)
     with pytest.raises(MnistTuneError) as err:
         load_sweep(path)
     assert str(err.value).startswith(f"{path}: {key}: ") and problem in str(err.value), str(err.value)
 
 
 def test_enqueue_checks_grid_steps_and_fingerprint(tmp_path):
-    grid = write(tmp_path, "grid.yaml", GRID_SWEEP.replace("  - {lr: 0.003, batch_size: 50}", "  - {lr: 0.003}"))
+    grid = write_file(tmp_path, "grid.yaml", GRID_SWEEP.replace("  - {lr: 0.003, batch_size: 50}", "  - {lr: 0.003}"))
     with pytest.raises(MnistTuneError, match=r"enqueue\[0\]: the grid sampler needs every searched parameter "
                                              r"\(missing: batch_size\)"):
         load_sweep(grid)
     stepped = SOURCE_SWEEP.replace("high: 0.3}", "high: 0.3, step: 0.05}")
     with pytest.raises(MnistTuneError, match=r"enqueue\[0\]\.dropout: 0\.12 is not on the range's steps"):
-        load_sweep(write(tmp_path, "s.yaml", stepped.replace("dropout: 0.1}", "dropout: 0.12}")))
+        load_sweep(write_file(tmp_path, "s.yaml", stepped.replace("dropout: 0.1}", "dropout: 0.12}")))
     # an enqueue list is not part of the study's definition: adding one keeps the fingerprint
-    plain = load_sweep(write(tmp_path, "p.yaml", SOURCE_SWEEP.split("enqueue:")[0]))
-    assert load_sweep(write(tmp_path, "q.yaml", SOURCE_SWEEP)).fingerprint() == plain.fingerprint()
+    plain = load_sweep(write_file(tmp_path, "p.yaml", SOURCE_SWEEP.split("enqueue:")[0]))
+    assert load_sweep(write_file(tmp_path, "q.yaml", SOURCE_SWEEP)).fingerprint() == plain.fingerprint()
 
 
 def test_enqueue_file_refused_with_one_line_and_nothing_written(synthetic_env, tmp_path):
-    sweep = load_sweep(write(tmp_path, "source.yaml", SOURCE_SWEEP))
-    assert load_enqueue_file(write(tmp_path, "ok.yaml", "[{lr: 0.01, dropout: 0}]"), sweep) == (
+    sweep = load_sweep(write_file(tmp_path, "source.yaml", SOURCE_SWEEP))
+    assert load_enqueue_file(write_file(tmp_path, "ok.yaml", "[{lr: 0.01, dropout: 0}]"), sweep) == (
         {"lr": 0.01, "dropout": 0.0},)
     with pytest.raises(MnistTuneError, match=r"e\.yaml: \(top level\): is an empty list"):
-        load_enqueue_file(write(tmp_path, "e.yaml", "[]"), sweep)
-    bad = write(tmp_path, "bad.json", json.dumps([{"lr": 0.01}, {"lr": 0.5}]))
+        load_enqueue_file(write_file(tmp_path, "e.yaml", "[]"), sweep)
+    bad = write_file(tmp_path, "bad.json", json.dumps([{"lr": 0.01}, {"lr": 0.5}]))
     proc = run_cli("study", "--sweep", tmp_path / "source.yaml", "--trials", "1", "--enqueue", bad,
                    env=synthetic_env, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
