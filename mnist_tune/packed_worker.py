@@ -36,7 +36,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from mnist_tune import record, stop
+from mnist_tune import record, stop, warm
 from mnist_tune.errors import MnistTuneError
 from mnist_tune.space import suggest
 from mnist_tune.study import SURPLUS_ATTR, WORKER_ATTR, count_budget, this_worker
@@ -188,7 +188,8 @@ class MemberTrials:
 
     def ask(self, beats: Heartbeats) -> Member | None:
         """A new (or retried) trial with its hyperparameters, as Objective._train starts one;
-        None if it lost the race for the budget's last slot (closed FAIL, untrained)."""
+        None if it lost the race for the budget's last slot (closed FAIL, untrained) or repeats
+        an earlier trial (ended as that one, untrained)."""
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": Heartbeats records it
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             trial = self.study.ask()
@@ -204,8 +205,20 @@ class MemberTrials:
         trial.set_user_attr(WORKER_ATTR, this_worker())
         seed = (self.worker.settings.seed or 0) + trial.number
         hp = {**suggest(trial, self.sweep), "epochs": self.sweep.epochs, "seed": seed}
+        if (earlier := warm.earlier_same(self.study, trial)) is not None:  # never train a configuration twice
+            self.skip(trial, earlier, beats)
+            return None
         model_hp, train_hp = split_hyperparameters(hp)
         return Member(trial, model_hp, train_hp, retry_of)
+
+    def skip(self, trial: optuna.Trial, earlier, beats: Heartbeats) -> None:
+        """End a duplicate untrained, as Objective does (warm.skip_duplicate says how)."""
+        beats.remove(trial._trial_id)
+        try:
+            frozen = self.study.tell(trial, warm.skip_duplicate(trial, earlier, self.sweep.metric, self.worker.log))
+        except optuna.TrialPruned:
+            frozen = self.study.tell(trial, state=TrialState.PRUNED)
+        self.worker._after_trial(frozen, self.trials_bar)
 
     def start(self, member: Member) -> None:
         from mnist_tune.models import build_model

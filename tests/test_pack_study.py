@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tune.data import load_test_split
 from mnist_tune.models import as_input
 
-from helpers import run_cli
+from helpers import run_cli, write_file
 from test_study import TINY_SWEEP, check_study_matches_mlflow, embedded_tracking, optuna_storage
 
 SWEEP = TINY_SWEEP.replace("epochs: 3", "epochs: 2")  # test_study's tiny sweep, one epoch shorter
@@ -121,6 +121,42 @@ def test_sigterm_ends_every_member_as_a_single_trial(synthetic_env, tmp_path):
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["mnist_tune.state"] == "FAIL"
     assert client.get_run(worker.record.parent_run_id).info.status == "KILLED"
+
+
+ONE_POINT_SWEEP = """
+name: one-point
+model: mlp
+study: {sampler: {name: tpe, seed: 0}}
+train: {epochs: 1, val_size: 200}
+fixed: {hidden_sizes: [32]}
+space:
+  lr: {type: categorical, choices: [0.003]}
+  batch_size: {type: categorical, choices: [50]}
+"""
+
+
+def test_pack_members_that_repeat_a_trial_are_not_trained(synthetic_env, tmp_path):
+    """A space of one point, packs of 2: the round's second member repeats the running first
+    (pruned, untrained), the next round's repeats the completed one (its value): one run."""
+    from mnist_tune.config import sweep_for
+    from mnist_tune.data import load_mnist
+    from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
+
+    logged = []
+    worker = Worker(sweep_for(None, str(write_file(tmp_path, "one.yaml", ONE_POINT_SWEEP))),
+                    WorkerSettings(trials=3, storage=optuna_storage(tmp_path), plots=False), Tracker(None),
+                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"), log=logged.append)
+    worker.pack = 2
+    worker.open()
+    assert worker.run().finished == 3
+    worker.finish()
+    trials = optuna.load_study(study_name="one-point", storage=optuna_storage(tmp_path)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]
+    assert trials[2].value == trials[0].value and worker.trials_run == 3
+    assert "trial 1: same parameters as trial 0, which is still running; not trained, ends pruned" in logged
+    check_study_matches_mlflow(optuna_storage(tmp_path), embedded_tracking(tmp_path), "one-point", expect_trials=1)
 
 
 @pytest.mark.slow  # two workers through the CLI
