@@ -5,13 +5,7 @@
 #    CUDA-graph replay = eager steps, fit learns, bf16 autocast path), 2. epoch time seed vs ours
 #    for the MLP and the Mixer (patch 7, dim 128, depth 8), with and without the CUDA graph, with
 #    amp / compile, 3. N workers sharing the GPU.
-set -u -o pipefail
-out=${OUT:-.}
-{ echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"; git status --short 2>/dev/null; } | tee "$out/gpu.txt"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$out/gpu.txt"
-$py -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
+record=gpu.txt source "$(dirname "$0")/gpu_preamble.sh"
 timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_optim.py -m "not slow" 2>&1 \
     | tee "$out/gpu_tests.txt" | tail -15
 timeout 120 $py benchmarks/epoch_time.py --device cuda --models mlp --batch-sizes 32,100,256 --epochs 2 \

@@ -5,13 +5,7 @@
 #    captured CUDA graph; compaction; refill), 2. the --pack auto dry run, 3. pack_throughput:
 #    trials/hour of the mlp and mixer sweeps, sequential vs K = 4, 16 (mlp), auto, with the
 #    pruning costs (masked vs compacted vs refilled), shrunk to fit (see its --help for the full run).
-set -u -o pipefail
-out=${OUT:-.}
-{ echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"; git status --short 2>/dev/null; } | tee "$out/gpu_pack.txt"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$out/gpu_pack.txt"
-$py -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu_pack.txt"
+record=gpu_pack.txt source "$(dirname "$0")/gpu_preamble.sh"
 timeout 100 $py -m pytest -q -p no:cacheprovider tests/test_pack.py tests/test_train.py -k "pack or graph" 2>&1 \
     | tee "$out/gpu_pack_tests.txt" | tail -15
 timeout 200 $py benchmarks/pack_throughput.py --device cuda --sweeps mlp --packs 1,4,16,auto --seeds 0 \
