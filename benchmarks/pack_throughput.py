@@ -54,7 +54,7 @@ def run_study(sweep, pack, seed: int, trials: int, data, device, log) -> dict:
         tracker = Tracker(f"sqlite:///{home}/mlflow.db")
         worker = Worker(sweep, WorkerSettings(trials=trials, storage=f"sqlite:///{home}/optuna.db", seed=seed,
                                               plots=False), tracker, data, device, log=lambda m: None)
-        worker.pack = resolve_pack(pack, sweep, data, device, log)
+        worker.pack = resolve_pack(pack, sweep, data, device, log, trials)
         worker.open()
         count = worker.run()
         worker.finish()

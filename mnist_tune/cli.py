@@ -187,7 +187,7 @@ def train(model_name, device, val_size, experiment, run_name, data_dir, tracking
               help="Torch CPU threads [default: all cores]; use cores/workers when several run on one host.")
 @click.option("--pack", default="auto", callback=lambda ctx, param, value: _pack_size(value),
               help="Trials trained at once as one fused model (same shapes); auto: 1 on the CPU, on CUDA "
-                   "the most that fit a short dry run.")
+                   "the most that fit a short dry run (1 where the sweep searches the architecture).")
 @click.option("--max-params", type=click.IntRange(min=1), default=None,
               help="Multi-objective sweeps: the champion's limit on trainable parameters (also the sampler's).")
 @click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,

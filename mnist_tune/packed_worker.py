@@ -46,6 +46,9 @@ MAX_AUTO_PACK = 256  # auto tries K = 1, 2, 4, ... up to this
 PACK_STEP_BOUND_S = 0.025  # auto: a pack step may take this long (an MLP epoch at batch 100: ~14 s)
 AUTO_MEMORY_SHARE = 0.8  # auto: of the GPU's memory, leaving room for evaluation and export
 DRY_RUN_STEPS = 20
+# auto: at least this many rounds per study, since a round's K trials are proposed before any
+# of them reports and share one shape (what that costs: benchmarks/RESULTS.md, trial packs)
+MIN_ROUNDS = 4
 
 
 def parse_pack(value: str) -> int | str:
@@ -73,12 +76,28 @@ def pack_problem(sweep) -> str | None:
     return None
 
 
-def resolve_pack(requested: int | str, sweep, data, device, log) -> int:
-    """The pack size: as given, or for ``auto`` 1 off CUDA and on CUDA the largest K whose
-    step stays under PACK_STEP_BOUND_S and whose memory fits, from a short dry run (logged)."""
+def auto_limit(sweep, budget: int) -> tuple[int, str]:
+    """The largest K ``auto`` may choose for this sweep and budget, and why: 1 where the sweep
+    searches the architecture (a round would try one), else at least MIN_ROUNDS rounds."""
+    from mnist_tune.pack import PER_MEMBER
+
+    shaped = [p.name for p in sweep.space if p.name not in (*PER_MEMBER, "batch_size")]
+    if shaped:
+        return 1, f"the sweep searches {', '.join(shaped)}, which a round's members would share"
+    return max(1, min(MAX_AUTO_PACK, budget // MIN_ROUNDS)), f"at least {MIN_ROUNDS} rounds of {budget} trials"
+
+
+def resolve_pack(requested: int | str, sweep, data, device, log, budget: int) -> int:
+    """The pack size: as given, or for ``auto`` 1 off CUDA and on CUDA the largest K within
+    ``auto_limit`` whose step stays under PACK_STEP_BOUND_S and whose memory fits, from a
+    short dry run (logged)."""
     if requested != "auto":
         return requested
     if device.type != "cuda" or pack_problem(sweep):  # auto packs only what can be packed
+        return 1
+    limit, why = auto_limit(sweep, budget)
+    if limit == 1:
+        log(f"--pack auto: 1 ({why}; --pack K packs them anyway)")
         return 1
     import torch
 
@@ -89,7 +108,7 @@ def resolve_pack(requested: int | str, sweep, data, device, log) -> int:
     model_hp, train_hp = split_hyperparameters({**suggest(point, sweep), "epochs": sweep.epochs, "seed": 0})
     total = torch.cuda.get_device_properties(device).total_memory
     chosen, k = 1, 1
-    while k <= MAX_AUTO_PACK and k * train_hp.get("batch_size", 100) <= len(data.train_x):
+    while k <= limit and k * train_hp.get("batch_size", 100) <= len(data.train_x):
         try:
             torch.cuda.reset_peak_memory_stats(device)
             pack = Pack(sweep.model, [model_hp] * k, [TrainConfig(**{**train_hp, "seed": i}) for i in range(k)],
@@ -115,7 +134,8 @@ def resolve_pack(requested: int | str, sweep, data, device, log) -> int:
         if seconds > PACK_STEP_BOUND_S or memory > AUTO_MEMORY_SHARE * total:
             break
         chosen, k = k, 2 * k
-    log(f"--pack auto: {chosen} trials per pack on {device} (step bound {PACK_STEP_BOUND_S * 1e3:.0f} ms)")
+    log(f"--pack auto: {chosen} trials per pack on {device} (step bound {PACK_STEP_BOUND_S * 1e3:.0f} ms, "
+        f"at most {limit}: {why})")
     return chosen
 
 

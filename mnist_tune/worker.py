@@ -304,7 +304,7 @@ def run_study(sweep: Sweep, settings: WorkerSettings, tracking_uri: str | None, 
         # Moved to the device once per worker, not once per trial; meanwhile the MLflow store
         # opens and the helper process imports.
         worker.data = load_mnist(data_dir, val_size=sweep.val_size, seed=sweep.seed).to(torch_device)
-        worker.pack = resolve_pack(settings.pack, sweep, worker.data, torch_device, worker.log)
+        worker.pack = resolve_pack(settings.pack, sweep, worker.data, torch_device, worker.log, settings.trials)
         worker.open()
         try:
             count = worker.run()

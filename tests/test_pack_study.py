@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tune.data import load_test_split
 from mnist_tune.models import as_input
 
-from helpers import run_cli, write_file
+from helpers import REPO, run_cli, write_file
 from test_study import TINY_SWEEP, check_study_matches_mlflow, embedded_tracking, optuna_storage
 
 SWEEP = TINY_SWEEP.replace("epochs: 3", "epochs: 2")  # test_study's tiny sweep, one epoch shorter
@@ -62,6 +62,18 @@ def test_pack_study_records_what_a_sequential_one_does(synthetic_env, tmp_path):
         with torch.no_grad():
             acc = (model(as_input(images)).argmax(1) == labels).float().mean().item()
         assert acc == pytest.approx(t.user_attrs["test_acc"], abs=1e-6)
+
+
+def test_auto_packs_never_share_an_architecture_and_keep_four_rounds():
+    from mnist_tune.config import sweep_for
+    from mnist_tune.packed_worker import auto_limit
+
+    assert auto_limit(sweep_for("mlp", None), 40) == (10, "at least 4 rounds of 40 trials")
+    assert auto_limit(sweep_for("mlp", None), 3)[0] == 1
+    assert auto_limit(sweep_for("mlp", None), 10_000)[0] == 256
+    limit, why = auto_limit(sweep_for("mixer", None), 64)
+    assert limit == 1 and why.startswith("the sweep searches patch_size, dim, depth, token_expansion")
+    assert auto_limit(sweep_for(None, str(REPO / "sweeps" / "mlp-wide.yaml")), 64)[0] == 1  # width, depth
 
 
 def test_pack_option_rejects_bad_values(synthetic_env, tmp_path):
