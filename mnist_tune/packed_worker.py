@@ -7,9 +7,8 @@ members may differ in; a sweep searching several shapes would otherwise scatter 
 packs of one or two (the Mixer sweep has 1620 shapes). A round thus tries one shape where a
 sequential study tries K, which costs search quality where the shape is an architecture, so
 ``--pack auto`` packs only sweeps that search no more than the batch size (``auto_limit``).
-Trials are grouped by
-``pack.shape_key`` (retries of other shapes make their own pack) and each group is trained as
-one ``pack.Pack``. Every member stays a trial as ``worker.Objective`` makes one: its own Optuna
+Trials are grouped by ``pack.shape_key`` (retries of other shapes make their own pack) and
+each group is trained as one ``pack.Pack``. Every member stays a trial as ``worker.Objective`` makes one: its own Optuna
 trial (heartbeats recorded here, one thread for the round, as ``optimize`` would per trial),
 its own MLflow child run with the same params, per-epoch metrics, test accuracy and exported
 model (``Pack.member_model``: the ordinary model); the budget counts members. After each epoch
