@@ -124,6 +124,15 @@ class Objective:
         return value > than if self.sweep.direction == "maximize" else value < than
 
 
+def second_sqlite_worker(name: str, live: FrozenTrial) -> MnistTuneError:
+    """The refusal of a second worker on SQLite, naming where the live one runs."""
+    where = live.user_attrs.get(WORKER_ATTR, "another process")
+    return MnistTuneError(
+        f"study {name!r} already has a live worker (trial {live.number} running in {where}) on "
+        "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
+        "(--storage postgresql://…)")
+
+
 class Worker:
     """One process's share of a study: the objective and the budget loop."""
 
@@ -154,11 +163,7 @@ class Worker:
                 self._on_stale_trial(self.study, trial)  # its run is closed once the record is attached
         live = live_trials(self.storage, self.study)
         if live and sqlite_path(resolve_storage(self.settings.storage)):
-            where = live[0].user_attrs.get(WORKER_ATTR, "another process")
-            raise MnistTuneError(
-                f"study {self.name!r} already has a live worker (trial {live[0].number} running in {where}) on "
-                "SQLite storage; SQLite serialises writers, so run parallel workers against PostgreSQL "
-                "(--storage postgresql://…)")
+            raise second_sqlite_worker(self.name, live[0])
         warm.enqueue(self.study, self.settings.enqueue, "--enqueue", self.settings.trials, self.log)
         seed = sampler_seed(self.sweep, self.settings.seed, len(self.study.get_trials(deepcopy=False)), bool(live))
         self.study.sampler = make_sampler(self.sweep, seed)

@@ -1,6 +1,7 @@
 """Many workers, one study: PostgreSQL storage + a real MLflow server, crashes and signals."""
 
 import signal
+import socket
 import subprocess
 import time
 
@@ -183,6 +184,7 @@ def test_sqlite_refuses_a_second_live_worker(synthetic_env, tmp_path):
         wait_for_running_trial(f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", "multi")
         proc = run_cli("study", "--sweep", "multi.yaml", "--trials", "2", "--epochs", "2000", env=env, check=False)
         assert proc.returncode == 2 and "run parallel workers against PostgreSQL" in proc.stderr
+        assert f"running in {socket.gethostname()}:{first.pid})" in proc.stderr  # where the live one runs
         assert proc.stderr.count("\n") == 1
     finally:
         first.send_signal(signal.SIGTERM)
