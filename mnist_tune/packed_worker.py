@@ -8,8 +8,9 @@ packs of one or two (the Mixer sweep has 1620 shapes). A round thus tries one sh
 sequential study tries K, which costs search quality where the shape is an architecture, so
 ``--pack auto`` packs only sweeps that search no more than the batch size (``auto_limit``).
 Trials are grouped by ``pack.shape_key`` (retries of other shapes make their own pack) and
-each group is trained as one ``pack.Pack``. Every member stays a trial as ``worker.Objective`` makes one: its own Optuna
-trial (heartbeats recorded here, one thread for the round, as ``optimize`` would per trial),
+each group is trained as one ``pack.Pack``. Every member stays a trial as ``worker.Objective``
+makes one: its own Optuna trial (heartbeats recorded here, one thread for the round, as
+``optimize`` would per trial),
 its own MLflow child run with the same params, per-epoch metrics, test accuracy and exported
 model (``Pack.member_model``: the ordinary model); the budget counts members. After each epoch
 every member reports; a pruned, diverged or finished member leaves, and the pack is compacted
