@@ -1,10 +1,10 @@
 """The worker's loop with trial packs (``mnist-tune study --pack K|auto``): K trials at a time.
 
-Each round asks Optuna for up to K trials at once (``study.ask``: TPE's constant liar keeps
-running trials apart): the first freely, the others enqueued with its shape-changing
-hyperparameters (batch size, widths, Mixer dims) fixed so the sampler proposes only what
-members may differ in; a sweep searching several shapes would otherwise scatter a round over
-packs of one or two (the Mixer sweep has 1620 shapes). A round thus tries one shape where a
+Each round asks Optuna for up to K trials at once (``study.ask``): the first freely, the
+others enqueued with its shape-changing hyperparameters (batch size, widths, Mixer dims)
+fixed so the sampler proposes only what members may differ in; a sweep searching several
+shapes would otherwise scatter a round over packs of one or two (the Mixer sweep has 1620
+shapes). A round thus tries one shape where a
 sequential study tries K, which costs search quality where the shape is an architecture, so
 ``--pack auto`` packs only sweeps that search no more than the batch size (``auto_limit``).
 Trials are grouped by ``pack.shape_key`` (retries of other shapes make their own pack) and
@@ -50,8 +50,9 @@ PACK_STEP_BOUND_S = 0.025  # auto: a pack step may take this long (an MLP epoch 
 AUTO_MEMORY_SHARE = 0.8  # auto: of the GPU's memory, leaving room for evaluation and export
 DRY_RUN_STEPS = 20
 # auto: at least this many rounds per study, since a round's K trials are proposed before any
-# of them reports and share one shape (what that costs: benchmarks/RESULTS.md, trial packs)
-MIN_ROUNDS = 4
+# of them reports and share one shape (4 rounds of 10 cost a point of accuracy, 10 of 4 none:
+# benchmarks/RESULTS.md, trial packs)
+MIN_ROUNDS = 10
 
 
 def parse_pack(value: str) -> int | str:

@@ -64,12 +64,12 @@ def test_pack_study_records_what_a_sequential_one_does(synthetic_env, tmp_path):
         assert acc == pytest.approx(t.user_attrs["test_acc"], abs=1e-6)
 
 
-def test_auto_packs_never_share_an_architecture_and_keep_four_rounds():
+def test_auto_packs_never_share_an_architecture_and_keep_ten_rounds():
     from mnist_tune.config import sweep_for
     from mnist_tune.packed_worker import auto_limit
 
-    assert auto_limit(sweep_for("mlp", None), 40) == (10, "at least 4 rounds of 40 trials")
-    assert auto_limit(sweep_for("mlp", None), 3)[0] == 1
+    assert auto_limit(sweep_for("mlp", None), 40) == (4, "at least 10 rounds of 40 trials")
+    assert auto_limit(sweep_for("mlp", None), 19)[0] == 1
     assert auto_limit(sweep_for("mlp", None), 10_000)[0] == 256
     limit, why = auto_limit(sweep_for("mixer", None), 64)
     assert limit == 1 and why.startswith("the sweep searches patch_size, dim, depth, token_expansion")
