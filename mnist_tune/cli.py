@@ -305,13 +305,13 @@ def evaluate(run_id, model_uri, fmt, log_to_run, data_dir, tracking_uri):
     import json
 
     from mnist_tune.data import load_test_split
-    from mnist_tune.record import MODEL_URI_ATTR
+    from mnist_tune.record import MODEL_URI_ATTR, TEST_METRIC
     from mnist_tune.report import classifier_report, format_report, log_report
     from mnist_tune.tracking import Tracker, load_model
 
     uri = _model_uri(run_id, model_uri)
     tracker = Tracker(tracking_uri)
-    logged = tracker.get_run(run_id).data.metrics.get("test_acc") if run_id else None
+    logged = tracker.get_run(run_id).data.metrics.get(TEST_METRIC) if run_id else None
     report = classifier_report(load_model(uri, tracker.uri), *load_test_split(data_dir))
     if run_id and log_to_run:
         log_report(tracker, run_id, report)

@@ -280,7 +280,7 @@ class MemberTrials:
         from mnist_tune.train import evaluate
 
         _, test_acc = evaluate(model, self.data.test_x, self.data.test_y)
-        self.tracker.metrics.queue(member.run_id, {"test_acc": test_acc}, step=self.sweep.epochs)
+        self.tracker.metrics.queue(member.run_id, {record.TEST_METRIC: test_acc}, step=self.sweep.epochs)
         self.tracker.metrics.flush(member.run_id)
         model_uri = self.tracker.models.log_model(member.run_id, model, input_example(self.data))
         member.trial.set_user_attr(record.TEST_ACC_ATTR, test_acc)

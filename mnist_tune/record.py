@@ -34,6 +34,7 @@ FINGERPRINT = "mnist_tune.sweep_fingerprint"
 BEST_TRIAL, BEST_RUN_ID = "best_trial", "best_run_id"  # on the parent run
 CONFIRMED_TRIAL, CONFIRMED_RUN_ID = "confirmed_trial", "confirmed_run_id"  # on the parent: the best mean
 DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
+TEST_METRIC = "test_acc"  # logged once, after the last epoch (also the trial's user attribute)
 # How to use a trial's model without this package (README "What lands in MLflow"; tested there).
 MODEL_CARD = ("Model: `runs:/<this run's id>/model` (a torch.export module). Reload with "
               "`mlflow.pytorch.load_model(uri)` - no mnist_tune or einops needed. It takes images shaped "
@@ -45,7 +46,7 @@ PARENT_ATTR = "mlflow_parent_run_id"  # study -> its parent run
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 RUN_ATTR = "mlflow_run_id"  # trial -> its child run
 MODEL_URI_ATTR = "model_uri"
-TEST_ACC_ATTR = "test_acc"
+TEST_ACC_ATTR = TEST_METRIC
 ERROR_ATTR = "error"
 OBJECTIVES_ATTR = "objective_metrics"  # trial (multi-objective): every metric measured, by name
 LIMITS_ATTR = "champion_limits"  # study: --max-params / --max-latency-ms, as {metric: limit}

@@ -70,7 +70,7 @@ def train_and_log(tracker: Tracker, run_id: str, model_name: str, model_hp: dict
         outcome = RunOutcome(history=result.history)
         # The test split is for the final report only; nothing is chosen by it.
         _, outcome.test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
-        tracker.metrics.queue(run_id, {"test_acc": outcome.test_acc}, step=hp.epochs)
+        tracker.metrics.queue(run_id, {record.TEST_METRIC: outcome.test_acc}, step=hp.epochs)
     finally:
         epochs.close()
         _flush_epoch_metrics(tracker, run_id)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_tune.errors import MnistTuneError
-from mnist_tune.record import ROLE, STUDY
+from mnist_tune.record import ROLE, STUDY, TEST_METRIC
 from mnist_tune.stores import redact, resolve_tracking_uri, sqlite_path
 
 # The runs table's saved view: parent expanded to its trials, these columns visible.
@@ -100,7 +100,7 @@ def shared_view(study: str, metric: str, descending: bool, params: list[str]) ->
     """The experiment tag (name, JSON value) of a runs-table view: the study's trials only (a
     flat list, best first by ``metric``) with ``params`` and the scores as columns. Its key goes
     in the URL as ``viewStateShareKey`` (search facets in the URL itself would override it)."""
-    metrics = list(dict.fromkeys([metric, "val_acc", "test_acc"]))
+    metrics = list(dict.fromkeys([metric, "val_acc", TEST_METRIC]))
     state = {
         "searchFilter": f"tags.`{ROLE}` = 'trial' AND tags.`{STUDY}` = '{study}'",
         "orderByKey": f"metrics.`{metric}`",
@@ -115,7 +115,7 @@ def shared_view(study: str, metric: str, descending: bool, params: list[str]) ->
             *(_chart("LINE", m, metricKey=m, selectedMetricKeys=[m], lineSmoothness=0, xAxisKey="step",
                      xAxisScaleType="linear", scaleType="linear", yAxisKey="metric", range={})
               for m in dict.fromkeys([metric, "val_acc", "val_loss"])),
-            _chart("BAR", "test_acc", metricKey="test_acc"),
+            _chart("BAR", TEST_METRIC, metricKey=TEST_METRIC),
         ],
         "isAccordionReordered": True,
     }
