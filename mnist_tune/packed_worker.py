@@ -1,12 +1,13 @@
 """The worker's loop with trial packs (``mnist-tune study --pack K|auto``): K trials at a time.
 
-Each round asks Optuna for up to K trials at once (``study.ask``): the first freely, the
-others enqueued with its shape-changing hyperparameters (batch size, widths, Mixer dims)
-fixed so the sampler proposes only what members may differ in; a sweep searching several
-shapes would otherwise scatter a round over packs of one or two (the Mixer sweep has 1620
-shapes). A round thus tries one shape where a
-sequential study tries K, which costs search quality where the shape is an architecture, so
-``--pack auto`` packs only sweeps that search no more than the batch size (``auto_limit``).
+Each round asks Optuna for up to K trials at once (``study.ask``; TPE's constant liar, which
+``study.make_sampler`` keeps on, holds running trials apart): the first freely, the others
+enqueued with its shape-changing hyperparameters (batch size, widths, Mixer dims) fixed so the
+sampler proposes only what members may differ in; a sweep searching several shapes would
+otherwise scatter a round over packs of one or two (the Mixer sweep has 1620 shapes). A round
+thus tries one shape where a sequential study tries K, which costs search quality where the
+shape is an architecture, so ``--pack auto`` packs only sweeps that search no more than the
+batch size (``auto_limit``).
 Trials are grouped by ``pack.shape_key`` (retries of other shapes make their own pack) and
 each group is trained as one ``pack.Pack``. Every member stays a trial as ``worker.Objective``
 makes one: its own Optuna trial (heartbeats recorded here, one thread for the round, as

@@ -240,6 +240,8 @@ def make_sampler(sweep: Sweep, seed: int | None) -> optuna.samplers.BaseSampler:
     name = sweep.sampler["name"]
     if name == "grid":
         return optuna.samplers.GridSampler(grid(sweep), **options)
+    if name == "tpe":  # packs and parallel workers ask while trials run (Optuna 5's default; 4.x's is off)
+        options.setdefault("constant_liar", True)
     return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "gp": optuna.samplers.GPSampler, "cmaes": optuna.samplers.CmaEsSampler,
             "nsga2": optuna.samplers.NSGAIISampler}[name](**options)

@@ -2,6 +2,7 @@
 run per member under the one parent, trial states, params, per-epoch metrics and reloadable
 models, checked trial by trial against Optuna as for a sequential study (test_study.py)."""
 
+import dataclasses
 import os
 
 import mlflow
@@ -74,6 +75,35 @@ def test_auto_packs_never_share_an_architecture_and_keep_ten_rounds():
     limit, why = auto_limit(sweep_for("mixer", None), 64)
     assert limit == 1 and why.startswith("the sweep searches patch_size, dim, depth, token_expansion")
     assert auto_limit(sweep_for(None, str(REPO / "sweeps" / "mlp-wide.yaml")), 64)[0] == 1  # width, depth
+
+
+def test_tpe_proposes_around_running_trials_and_alone_as_before():
+    """A round's members are asked while the others run: TPE's constant liar (on unless
+    the sweep sets it) keeps them apart; alone it proposes what it would without."""
+    from mnist_tune.config import sweep_for
+    from mnist_tune.study import make_sampler
+
+    sweep = sweep_for("mlp", None)
+    no_liar = dataclasses.replace(sweep, sampler={**sweep.sampler, "constant_liar": False})
+
+    def proposals(sweep, sequential: bool) -> list[float]:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=make_sampler(sweep, 0), direction="maximize")
+        for _ in range(12):
+            trial = study.ask()
+            lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
+            study.tell(trial, -abs(lr - 1e-3))
+        asked = []
+        for _ in range(3):  # a round of three: asked together, or one after another
+            trial = study.ask()
+            asked.append(trial.suggest_float("lr", 3e-4, 1e-2, log=True))
+            if sequential:
+                study.tell(trial, -abs(asked[-1] - 1e-3))
+        return asked
+
+    assert proposals(sweep, sequential=True) == proposals(no_liar, sequential=True)
+    liar, plain = proposals(sweep, sequential=False), proposals(no_liar, sequential=False)
+    assert liar[0] == plain[0] and liar[1:] != plain[1:]
 
 
 def test_pack_option_rejects_bad_values(synthetic_env, tmp_path):
