@@ -27,7 +27,7 @@ study: venv
 test: venv
 	@test -x /usr/bin/chromium || echo "note: no /usr/bin/chromium (apt-get install -y chromium): browser tests will be skipped"
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: venv
 	$(BIN)/python benchmarks/epoch_time.py

@@ -21,18 +21,6 @@ from helpers import (
     stop_process,
 )
 
-# The slowest files first (benchmarks/results/test_durations_*.txt). `make test` hands out one
-# file at a time (xdist loadfile, its reorder off), so a long file started late is the tail.
-SLOWEST_FIRST = ("test_workers.py", "test_study.py", "test_compose.py", "test_warm.py", "test_cli_train.py",
-                 "test_pack_study.py", "test_auth.py", "test_multi.py", "test_train.py", "test_browser.py",
-                 "test_reload.py", "test_bad_names.py", "test_compat.py", "test_ui.py", "test_images.py",
-                 "test_install.py", "test_tracking.py", "test_dashboard.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
-
 
 @pytest.fixture
 def synthetic_env(tmp_path, monkeypatch):
