@@ -49,7 +49,6 @@ class Background:
         self.writer = Writer(self._failed)
         if helper:
             self.helper = Helper(self.tracker.uri)
-            self.scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")  # its throwaway saves; removed by close
         self.writer.submit("open the store", None, lambda: self.tracker.client)
         return self
 
@@ -104,7 +103,6 @@ class Background:
         if self.helper is not None:
             self.helper.close()
             self.helper = None
-            shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -178,14 +176,16 @@ class Helper:
     until it returns. For the heavy jobs: exporting models, drawing plots, the champion's report.
 
     It starts at once and imports torch and MLflow while the parent loads data; it exits when
-    the parent closes it or dies (its pipe ends)."""
+    the parent closes it or dies (its pipe ends), and removes ``scratch``, a folder for its
+    throwaway saves, on the way out (``close`` too, if it was killed)."""
 
     def __init__(self, tracking_uri: str):
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads (and CUDA)
         self._conn, child = context.Pipe()
         self._lock = threading.Lock()  # one request at a time: the writer thread, or close
-        self.process = context.Process(target=_serve, args=(child, tracking_uri), name="mnist-tune-tracking",
-                                       daemon=True)
+        self.scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")
+        self.process = context.Process(target=_serve, args=(child, tracking_uri, self.scratch),
+                                       name="mnist-tune-tracking", daemon=True)
         self.process.start()
         child.close()
 
@@ -216,13 +216,21 @@ class Helper:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _serve(conn, tracking_uri: str) -> None:
+def _serve(conn, tracking_uri: str, scratch: str) -> None:
     """The helper's loop. Ctrl-C/SIGTERM go to the whole process group; the parent decides
     when to stop, after its last job is done, so the child ignores them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        _answer(conn, tracking_uri)
+    finally:  # also when the parent was killed: nothing of ours stays in the temp folder
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _answer(conn, tracking_uri: str) -> None:
     import mlflow.pytorch  # noqa: F401  (the imports are the slow part of start-up: paid now, in parallel)
     import torch.export  # noqa: F401
 

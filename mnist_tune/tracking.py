@@ -396,7 +396,7 @@ class Models:
         a helper process: there, queued, and ``failures`` says so under WARM_UP)."""
         background = self.tracker.background
         if background.helper is not None:
-            return background.run(WARM_UP, None, _warm_up, to_bytes(model), example, background.scratch)
+            return background.run(WARM_UP, None, _warm_up, to_bytes(model), example, background.helper.scratch)
         with tempfile.TemporaryDirectory(dir=scratch) as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
 

@@ -234,22 +234,27 @@ def test_a_failed_model_export_leaves_the_model_and_run_failed(queued):
 
 
 def test_the_helper_process_ends_with_its_parent(tmp_path):
-    """kill -9 of the worker leaves no helper process behind: its pipe closes and it exits."""
+    """kill -9 of the worker leaves no helper process behind: its pipe closes and it exits,
+    removing its scratch folder from the temp folder."""
+    import os
     import subprocess
     import sys
     import time
 
     code = ("import os, sys; from mnist_tune.tracking import Tracker; "
             f"t = Tracker('sqlite:///{tmp_path}/mlflow.db').background.start(); "
-            "print(t.helper.process.pid, flush=True); sys.stdin.readline()")
+            "print(t.helper.process.pid, t.helper.scratch, flush=True); sys.stdin.readline()")
     parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
+    pid, scratch = parent.stdout.readline().split()
+    child = int(pid)
+    assert os.path.isdir(scratch)
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _alive(child):
         time.sleep(0.2)
     assert not _alive(child)
+    assert not os.path.exists(scratch)
 
 
 def _alive(pid: int) -> bool:
