@@ -492,11 +492,13 @@ def _model_options(model, example) -> dict:
 
 
 def load_model(uri: str, tracking_uri: str | None = None):
-    """Load a logged model (``runs:/…``, ``models:/…``) as a torch module on the CPU."""
+    """Load a logged model (``runs:/…``, ``models:/…``) as a torch module on the CPU. Its
+    download goes to a folder removed afterwards (MLflow's own would stay in the temp folder)."""
     tracking_uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu")
+        with tempfile.TemporaryDirectory(prefix="mnist-tune-model-") as folder:
+            return mlflow.pytorch.load_model(uri, dst_path=folder, map_location="cpu")
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MnistTuneError(f"cannot load model {uri} from {redact(tracking_uri)}: {first}") from None

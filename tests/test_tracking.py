@@ -93,6 +93,21 @@ def test_registered_version_and_logged_model_link_both_ways(tracker):
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "mnist-test", "version": int(version)}]
 
 
+def test_loading_a_model_leaves_nothing_in_the_temp_folder(tracker, tmp_path, monkeypatch):
+    """evaluate, predict, the champion's report and latency objectives load logged models;
+    MLflow's own download folder would stay behind in the temp folder, one per load."""
+    import tempfile
+
+    run_id = tracker.start_run(tracker.experiment("reload"), "run")
+    tracker.models.log_model(run_id, build_model("mlp", hidden_sizes=(8,)), example())
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    model = tracker.models.load_model(f"runs:/{run_id}/model")  # as the champion's report loads it
+    assert model(torch.as_tensor(example())).shape == (4, 10)  # usable once its files are gone
+    assert list(temp.iterdir()) == []
+
+
 # ------------------------------------------------------------------ record.py
 
 
