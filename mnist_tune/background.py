@@ -38,6 +38,7 @@ class Background:
         self.helper: Helper | None = None
         self.seconds = 0.0  # MLflow calls made by the writer thread
         self._helper_jobs = 0  # queued or running jobs that wait on the helper
+        self._uploads: dict[str, int] = {}  # run id -> the number of its queued helper job
         self.log = lambda msg: print(msg, file=sys.stderr)
 
     def start(self, log=None, helper: bool = True) -> Background:
@@ -80,14 +81,21 @@ class Background:
                 call()
             finally:
                 self._helper_jobs -= 1
+                self._uploads.pop(run_id, None)
 
         self._helper_jobs += 1
-        self.submit(name, run_id, counted)
+        if not self.queues():
+            return counted()
+        number = self.writer.submit(name, run_id, counted)
+        if run_id is not None:
+            self._uploads[run_id] = number
 
-    def drain(self) -> None:
-        """Wait until every queued write is made."""
+    def drain(self, but_upload_of: str | None = None) -> None:
+        """Wait until every queued write is made; with ``but_upload_of`` (a run id), only until
+        the writes queued before that run's job in the helper (its model upload) are made, so
+        the upload, and what was queued after it, overlap the caller's next trial."""
         if self.writer is not None:
-            self.writer.drain()
+            self.writer.drain(self._uploads.get(but_upload_of))
 
     def close(self, stopping: bool = False) -> None:
         """Wait for the queued writes and stop the helper process. ``stopping`` (Ctrl-C,
@@ -138,19 +146,32 @@ class Writer:
         self.current: Job | None = None  # the job running now
         self.cancelled: set[str] = set()  # names of jobs whose failure is expected (abandoned)
         self._jobs: queue.Queue[Job] = queue.Queue(PENDING_JOBS)
+        self._submitting = threading.Lock()  # job numbers follow the queue's order
+        self._submitted = self._finished = 0  # jobs, counted from 1; they run in that order
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="mnist-tune-tracking", daemon=True)
         self._thread.start()
 
     def on_writer_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def submit(self, name: str, run_id: str | None, call: Callable[[], object]) -> None:
-        self._jobs.put(Job(name, run_id, call))  # blocks while PENDING_JOBS wait: back-pressure
+    def submit(self, name: str, run_id: str | None, call: Callable[[], object]) -> int:
+        """Queue ``call``; returns its number."""
+        with self._submitting:
+            self._submitted += 1
+            self._jobs.put(Job(name, run_id, call))  # blocks while PENDING_JOBS wait: back-pressure
+            return self._submitted
 
-    def drain(self) -> None:
-        """Wait until every call queued so far has run (or failed and been reported)."""
-        if not self.on_writer_thread():
+    def drain(self, before: int | None = None) -> None:
+        """Wait until every call queued so far has run (or failed and been reported); with
+        ``before`` (a job's number), only the calls queued before that one."""
+        if self.on_writer_thread():
+            return
+        if before is None:
             self._jobs.join()
+        else:
+            with self._progress:
+                self._progress.wait_for(lambda: self._finished >= before - 1)
 
     def _work(self) -> None:
         while True:
@@ -167,6 +188,9 @@ class Writer:
                     pass  # already recorded in failures; the run is reconciled when the study resumes
             finally:
                 self.current = None
+                with self._progress:
+                    self._finished += 1
+                    self._progress.notify_all()
                 self._jobs.task_done()
 
 

@@ -266,7 +266,7 @@ class MemberTrials:
                 self.tracker.metrics.flush(member.run_id)
             finally:
                 record.close_run(self.tracker, member.run_id, end, message)
-        # drains: the run's record is complete before the trial ends (record.tracking_failure says why)
+        # the run's record, all but its model upload, is complete before the trial ends (record.tracking_failure)
         if (failed := record.tracking_failure(self.tracker, member.run_id)) and end == record.FINISHED:
             end, message = record.FAILED, f"its MLflow run {member.run_id} is FAILED: tracking failed ({failed})"
         if end in (record.FAILED, record.KILLED) and message:
@@ -292,9 +292,8 @@ class MemberTrials:
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         better = self.worker.objective._better
         if all(better(value, t.value) for t in done if t.number != member.trial.number):
-            self.worker.record.promote(self.sweep.model, member.run_id, model_uri)
-            self.worker.record.log_best(self.sweep.metric, value, test_acc, member.trial.number, member.run_id,
-                                        step=member.trial.number)
+            self.worker.record.best_so_far(self.sweep.model, self.sweep.metric, value, test_acc, member.trial.number,
+                                           member.run_id, model_uri)
 
 
 

@@ -98,11 +98,11 @@ def run_lifecycle(tracker, run_id: str, pruned: tuple[type[BaseException], ...] 
 
 
 def tracking_failure(tracker, run_id: str | None) -> str | None:
-    """Once the queued writes are made, why tracking failed for ``run_id`` (its run is then
-    FAILED), or None. Asked before Optuna ends a trial, for two reasons: another worker's
-    reconciliation takes a RUNNING run of an ended trial for a crash, and a trial whose run
-    FAILED must not end COMPLETE (nor become the champion)."""
-    tracker.background.drain()
+    """Once the writes queued before the run's model upload are made, why tracking failed for
+    ``run_id`` (its run is then FAILED), or None. Asked before Optuna ends a trial: a trial
+    whose run FAILED must not end COMPLETE. The upload itself overlaps the next trial; if it
+    fails, the run is FAILED and the trial is not crowned (``StudyRecord.best_so_far``)."""
+    tracker.background.drain(but_upload_of=run_id)
     return tracker.background.failures.get(run_id)
 
 
@@ -161,14 +161,15 @@ class StudyRecord:
         if self.tracker.run_status(run_id) == "RUNNING":
             close_run(self.tracker, run_id, FAILED, reason)
 
-    def reconcile(self, states: dict[int, str]) -> None:
+    def reconcile(self, states: dict[int, str], recording: frozenset[int] = frozenset()) -> None:
         """Trial runs still RUNNING whose trial (number -> Optuna state name) has ended, as
-        after a crash between the two stores, are closed as FAILED."""
+        after a crash between the two stores, are closed as FAILED; except the ``recording``
+        trials, whose live worker may still be uploading their model."""
         running = self.tracker.search_runs(
             self.experiment_id, f"tags.`{ROLE}` = 'trial' AND attributes.status = 'RUNNING'")
         for run in running:
             number = int(run.data.tags.get(TRIAL, -1))
-            if states.get(number, "RUNNING") != "RUNNING":
+            if states.get(number, "RUNNING") != "RUNNING" and number not in recording:
                 self.close_stale(run.info.run_id, f"trial {number} ended as {states[number]}")
 
     # ---- the best trial ---------------------------------------------------------------
@@ -187,6 +188,17 @@ class StudyRecord:
             self.tracker.models.set_alias(name, CHAMPION, version)
 
         self.tracker.background.submit("promote", None, promote)  # after the model's upload, when that is queued
+
+    def best_so_far(self, model: str, metric: str, value: float, test_acc: float, number: int, run_id: str,
+                    model_uri: str | None) -> None:
+        """A trial that beat every completed one: once its model is uploaded (the upload may
+        still be running), promote it and log it on the parent; not if its tracking failed."""
+        def crown():
+            if run_id not in self.tracker.background.failures:
+                self.promote(model, run_id, model_uri)
+                self.log_best(metric, value, test_acc, number, run_id, step=number)
+
+        self.tracker.background.submit("best so far", None, crown)
 
     def log_best(self, metric: str, value: float, test_acc: float, number: int, run_id: str,
                  step: int, **counts: int) -> None:

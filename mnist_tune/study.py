@@ -207,6 +207,15 @@ def dead_local_trials(study: optuna.Study) -> list[FrozenTrial]:
             if _process_gone(t.user_attrs.get(WORKER_ATTR), t.datetime_start)]
 
 
+def still_recording(trials: list[FrozenTrial], grace_period: float) -> frozenset[int]:
+    """Ended trials whose run a live worker may still be writing (a model upload overlaps that
+    worker's next trial): ended less than ``grace_period`` s ago by a worker not known gone."""
+    now = datetime.datetime.now()  # Optuna's datetimes are naive local time
+    return frozenset(t.number for t in trials if t.datetime_complete is not None
+                     and (now - t.datetime_complete).total_seconds() < grace_period
+                     and not _process_gone(t.user_attrs.get(WORKER_ATTR), t.datetime_start))
+
+
 def live_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[FrozenTrial]:
     """RUNNING trials whose worker still sends heartbeats and, on this host, still exists."""
     study_id = storage.get_study_id_from_name(study.study_name)

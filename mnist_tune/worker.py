@@ -40,6 +40,7 @@ from mnist_tune.study import (
     make_sampler,
     open_storage,
     sampler_seed,
+    still_recording,
     this_worker,
 )
 from mnist_tune.tracking import WARM_UP, Tracker
@@ -63,7 +64,7 @@ class Objective:
         self.seconds = self.tracking_seconds = 0.0  # inside trials: wall time, and MLflow's share of it
 
     def __call__(self, trial: optuna.Trial) -> float:
-        started, tracked = time.perf_counter(), self.tracker.seconds
+        started, tracked, self.run_id = time.perf_counter(), self.tracker.seconds, None
         try:
             return self._train(trial)
         except BaseException as e:  # keep the reason on the trial; Optuna records only FAIL
@@ -71,7 +72,7 @@ class Objective:
                 trial.set_user_attr(record.ERROR_ATTR, record.error_text(e)[:1000])
             raise
         finally:
-            self.tracker.background.drain()  # done before Optuna ends the trial: record.tracking_failure
+            self.tracker.background.drain(but_upload_of=self.run_id)  # record.tracking_failure says why
             self.seconds += time.perf_counter() - started
             self.tracking_seconds += self.tracker.seconds - tracked
 
@@ -91,7 +92,8 @@ class Objective:
         if (earlier := warm.earlier_same(self.study, trial)) is not None:  # never train a configuration twice
             return warm.skip_duplicate(trial, earlier, self.sweep.metric, self.log)
         model_hp, train_hp = split_hyperparameters(hp)
-        run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"], retry_of)
+        run_id = self.run_id = self.record.start_trial(trial.number, self.sweep.model, self.sweep.sampler["name"],
+                                                       retry_of)
         trial.set_user_attr(record.RUN_ATTR, run_id)  # overwrites the one a retry inherits
 
         def report(epoch, metrics):
@@ -116,8 +118,8 @@ class Objective:
         value = getattr(outcome.history[-1], self.sweep.metric)
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if all(self._better(value, t.value) for t in done if t.number != trial.number):
-            self.record.promote(self.sweep.model, run_id, outcome.model_uri)
-            self.record.log_best(self.sweep.metric, value, outcome.test_acc, trial.number, run_id, step=trial.number)
+            self.record.best_so_far(self.sweep.model, self.sweep.metric, value, outcome.test_acc, trial.number, run_id,
+                                    outcome.model_uri)
         return value
 
     def _better(self, value: float, than: float) -> bool:
@@ -177,8 +179,12 @@ class Worker:
         self.study.set_user_attr(record.EXPERIMENT_ATTR, self.record.experiment_id)
         for trial in dead:
             self._close_dead_run(trial)
-        self.record.reconcile({t.number: t.state.name for t in self.study.get_trials(deepcopy=False)})
+        self._reconcile(self.study.get_trials(deepcopy=False))
         self.objective = Objective(self)
+
+    def _reconcile(self, trials: list[FrozenTrial]) -> None:
+        self.record.reconcile({t.number: t.state.name for t in trials},
+                              still_recording(trials, self.settings.grace_period))
 
     def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The trial's worker died: close its run, then queue a retry."""
@@ -252,7 +258,7 @@ class Worker:
         """Close the parent run when the study's budget is spent and nothing runs; attach
         plots. Idempotent, so every worker may call it."""
         trials = self.study.get_trials(deepcopy=False)
-        self.record.reconcile({t.number: t.state.name for t in trials})
+        self._reconcile(trials)
         count = count_budget(trials)
         if count.running or count.waiting or count.used < self.settings.trials:
             return

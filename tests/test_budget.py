@@ -58,6 +58,22 @@ def test_a_local_worker_whose_process_is_gone_is_dead_at_once(storage):
         newer.kill()
 
 
+def test_trials_a_live_worker_may_still_be_recording(storage):
+    """Reconciliation leaves alone the runs of trials that ended within the grace period in a
+    worker not known to be gone: their model upload may still be running."""
+    s = optuna.create_study(storage=storage, study_name="r")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for worker in (study.this_worker(), f"{socket.gethostname()}:{gone.pid}", f"other-host:{gone.pid}"):
+        trial = s.ask()
+        trial.set_user_attr(study.WORKER_ATTR, worker)
+        s.tell(trial, 0.5)
+    s.ask().set_user_attr(study.WORKER_ATTR, study.this_worker())  # still running: not ended
+    assert study.still_recording(s.trials, grace_period=60) == {0, 2}  # not the local worker that exited
+    time.sleep(1.1)
+    assert study.still_recording(s.trials, grace_period=1) == set()  # ended longer ago than the grace period
+
+
 def test_worker_settings_check_themselves():
     with pytest.raises(MnistTuneError, match="--grace-period 10 must exceed --heartbeat-interval 10"):
         study.WorkerSettings(trials=1, heartbeat_interval=10, grace_period=10)

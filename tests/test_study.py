@@ -272,3 +272,55 @@ def test_read_commands_reject_unknown_names(synthetic_env, tmp_path, tiny_sweep)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     proc = run_cli("evaluate", "--run-id", "0123abc", env=synthetic_env, check=False)
     assert "trial-0" in proc.stderr  # lists the runs that exist
+
+
+OVERLAP = """
+name: overlap
+model: mlp
+study: {sampler: {name: random, seed: 0}, pruner: {name: none}}
+train: {epochs: 1, val_size: 200}
+fixed: {hidden_sizes: [32], lr: 0.003}
+space:
+  dropout: {type: float, low: 0.0, high: 0.3}
+"""
+
+
+def test_model_uploads_overlap_the_next_trial_and_nothing_is_lost(synthetic_env, tmp_path):
+    """With the helper process (a spare core), a trial ends in Optuna once its run's writes
+    before the model upload are made; the upload, and the run's end behind it, go on while the
+    next trial trains. Still every run ends FINISHED with its model, and the champion is the
+    best trial's."""
+    import torch
+    from mlflow.entities import LoggedModelStatus
+
+    from mnist_tune import record
+    from mnist_tune.config import sweep_for
+    from mnist_tune.data import load_mnist
+    from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
+
+    (tmp_path / "overlap.yaml").write_text(OVERLAP)
+    tracker = Tracker(None)
+    tracker.background.start(helper=True)
+    worker = Worker(sweep_for(None, str(tmp_path / "overlap.yaml")),
+                    WorkerSettings(trials=3, storage=optuna_storage(tmp_path), plots=False), tracker,
+                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"))
+    try:
+        worker.open()
+        worker.run()
+        worker.finish()
+    finally:
+        tracker.background.close()
+
+    study, client, parent, by_trial = check_study_matches_mlflow(optuna_storage(tmp_path), embedded_tracking(tmp_path),
+                                                                 "overlap", expect_trials=3)
+    first, second, _ = study.trials
+    # the first run ended (after its upload) once the second trial had started
+    assert by_trial[first.number].info.end_time > second.datetime_start.timestamp() * 1000
+    for t in study.trials:
+        assert t.state.name == "COMPLETE"
+        model_id = t.user_attrs["model_uri"].removeprefix("models:/")
+        assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
+    best = max(study.trials, key=lambda t: t.value)
+    assert client.get_model_version_by_alias("mnist-mlp", "champion").run_id == best.user_attrs["mlflow_run_id"]
+    assert parent.info.status == "FINISHED" and parent.data.tags[record.BEST_TRIAL] == str(best.number)

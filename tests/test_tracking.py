@@ -168,6 +168,13 @@ def test_reconcile_closes_runs_of_trials_that_ended(tracker):
     assert tracker.client.get_run(runs[1]).data.tags["mlflow.parentRunId"] == study.parent_run_id
 
 
+def test_reconcile_leaves_runs_that_are_still_recording(tracker):
+    study = record.StudyRecord.attach(tracker, "u", "mlp", "fp", {})
+    runs = {n: study.start_trial(n, "mlp", "tpe") for n in range(2)}
+    study.reconcile({0: "COMPLETE", 1: "COMPLETE"}, recording=frozenset({1}))  # trial 1's upload still runs
+    assert {n: tracker.run_status(run_id) for n, run_id in runs.items()} == {0: "FAILED", 1: "RUNNING"}
+
+
 def test_champion_moves_to_the_promoted_run_and_reuses_its_version(tracker):
     study = record.StudyRecord.attach(tracker, "c", "mlp", "fp", {})
     uris = {}
