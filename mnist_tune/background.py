@@ -255,10 +255,13 @@ def _serve(conn, tracking_uri: str, scratch: str) -> None:
 
 
 def _answer(conn, tracking_uri: str) -> None:
-    import mlflow.pytorch  # noqa: F401  (the imports are the slow part of start-up: paid now, in parallel)
-    import torch.export  # noqa: F401
+    import matplotlib.backends.backend_agg  # noqa: F401  (the imports are the slow part: paid now, in parallel,
+    import mlflow.pytorch  # noqa: F401                   not at the end of the study, when the plots are drawn)
+    import torch.export
 
     from mnist_tune.tracking import Tracker
+
+    torch.set_num_threads(1)  # the spare core: a second thread would take one of training's (the report's eval)
 
     tracker = Tracker(tracking_uri)
     while True:

@@ -268,8 +268,11 @@ class Worker:
             self.record.log_best(self.sweep.metric, best.value, best.user_attrs.get(record.TEST_ACC_ATTR, math.nan),
                                  best.number, run_id, step=len(trials), trials_complete=count.complete,
                                  trials_pruned=count.pruned, trials_failed=count.failed)
-            self.record.promote(self.sweep.model, run_id, best.user_attrs.get(record.MODEL_URI_ATTR))
-            report_champion(self.tracker, run_id, self.data)
+            if run_id in self.tracker.background.failures:  # its model upload failed (record.tracking_failure)
+                self.log(f"trial {best.number}: its model was not stored; the champion alias stays where it was")
+            else:
+                self.record.promote(self.sweep.model, run_id, best.user_attrs.get(record.MODEL_URI_ATTR))
+                report_champion(self.tracker, run_id, self.data)
             if self.settings.plots:
                 self._log_plots()
         if self.sweep.objectives:

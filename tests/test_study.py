@@ -324,3 +324,63 @@ def test_model_uploads_overlap_the_next_trial_and_nothing_is_lost(synthetic_env,
     best = max(study.trials, key=lambda t: t.value)
     assert client.get_model_version_by_alias("mnist-mlp", "champion").run_id == best.user_attrs["mlflow_run_id"]
     assert parent.info.status == "FINISHED" and parent.data.tags[record.BEST_TRIAL] == str(best.number)
+
+
+BEST_IS_SECOND = """
+name: overlap
+model: mlp
+study: {sampler: {name: random, seed: 0}, pruner: {name: none}}
+train: {epochs: 1, val_size: 200}
+fixed: {hidden_sizes: [32], dropout: 0.1}
+space:
+  lr: {type: categorical, choices: [1.0e-6, 0.003, 1.0e-5]}
+enqueue: [{lr: 1.0e-6}, {lr: 0.003}, {lr: 1.0e-5}]
+"""
+
+
+def test_a_failed_model_upload_fails_the_run_and_never_crowns_the_trial(synthetic_env, tmp_path):
+    """The upload that overlaps the next trial fails (here: the store gives the trial's logged
+    model an artifact location nothing can write to): the trial keeps its value, its run ends
+    FAILED with the reason, and it is never the champion, not even as the best trial at the end."""
+    import torch
+    from sqlalchemy import event
+
+    from mnist_tune.config import sweep_for
+    from mnist_tune.data import load_mnist
+    from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
+
+    (tmp_path / "overlap.yaml").write_text(BEST_IS_SECOND)
+    tracker, lines = Tracker(None), []
+    tracker.background.start(helper=True)
+    worker = Worker(sweep_for(None, str(tmp_path / "overlap.yaml")),
+                    WorkerSettings(trials=3, storage=optuna_storage(tmp_path), plots=False), tracker,
+                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"), log=lines.append)
+    try:
+        worker.open()
+        inserted = []
+
+        @event.listens_for(tracker.client._tracking_client.store.engine, "after_cursor_execute")
+        def misplace_the_second_model(conn, cursor, statement, *args):
+            if statement.startswith("INSERT INTO logged_models"):
+                inserted.append(cursor.lastrowid)
+                if len(inserted) == 2:  # trial 1's, before the helper uploads into it
+                    cursor.execute("UPDATE logged_models SET artifact_location = 'nowhere://x' WHERE rowid = ?",
+                                   (cursor.lastrowid,))
+
+        worker.run()
+        worker.finish()
+    finally:
+        tracker.background.close()
+
+    study = optuna.load_study(study_name="overlap", storage=optuna_storage(tmp_path))
+    client = MlflowClient(embedded_tracking(tmp_path))
+    runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials}
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert [runs[n].info.status for n in range(3)] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "tracking failed: log_model" in runs[1].data.tags["mnist_tune.error"]
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert champion.run_id != runs[1].info.run_id and client.get_run(champion.run_id).info.status == "FINISHED"
+    assert max(study.trials, key=lambda t: t.value).number == 1  # lr 0.003 learns; 1e-6 and 1e-5 barely
+    assert champion.run_id == runs[0].info.run_id  # crowned first; trial 1 never was
+    assert "trial 1: its model was not stored; the champion alias stays where it was" in lines
