@@ -390,15 +390,17 @@ class Models:
 
     @_timed
     def warm_up_model_logging(self, model, example, scratch: str | None = None) -> None:
-        """Save ``model`` once to a throwaway folder, before the first trial: the first pt2
-        save in a process pays torch.export's import and MLflow's package scan, which should
-        not be charged to a trial; an architecture that cannot be exported fails here (with
-        a helper process: there, queued, and ``failures`` says so under WARM_UP)."""
+        """Save ``model`` once to a throwaway folder and load it back, before the first trial:
+        the first pt2 save and load in a process pay torch.export's import, its loader's set-up
+        and MLflow's package scan, which should not be charged to a trial or to the end of the
+        study (the champion's report loads its model); an architecture that cannot be exported
+        fails here (with a helper process: there, queued, and ``failures`` says so under WARM_UP)."""
         background = self.tracker.background
         if background.helper is not None:
             return background.run(WARM_UP, None, _warm_up, to_bytes(model), example, background.helper.scratch)
         with tempfile.TemporaryDirectory(dir=scratch) as folder:
             mlflow.pytorch.save_model(model, Path(folder) / MODEL_NAME, **_model_options(model, example))
+            mlflow.pytorch.load_model(str(Path(folder) / MODEL_NAME), map_location="cpu")
 
     @_timed
     def register_model(self, name: str, model_uri: str) -> str:

@@ -46,7 +46,7 @@ from mnist_tune.study import (
 from mnist_tune.tracking import WARM_UP, Tracker
 from mnist_tune.tunables import split_hyperparameters
 
-PLOTS_EVERY = 10  # trials between updates of the parent run's plots (HTML only, by the helper; all at the end)
+PLOTS_EVERY = 10  # trials between updates of the parent run's plots (by the helper only; all at the end)
 
 
 class BudgetSurplus(Exception):
@@ -247,10 +247,10 @@ class Worker:
             self.log(f"trial {trial.number} failed: {trial.user_attrs.get(record.ERROR_ATTR, 'see its MLflow run')}")
         if (best := best_trial(self.study)) is not None:
             trials_bar.set_postfix(best=f"{best.value:.4f}")
-        # The parent's plots follow the study where the helper process draws them; on the
-        # training thread they would cost ~2.5 s each on 2 cores (benchmarks/RESULTS.md).
+        # The parent's plots follow the study where the helper process draws them (which also
+        # pays their imports before the end); on the training thread they would cost ~2.5 s each.
         if self.settings.plots and self.tracker.background.helper and self.trials_run % PLOTS_EVERY == 0:
-            self._log_plots(png=False)
+            self._log_plots()
 
     # ---- the end --------------------------------------------------------------------------
 
