@@ -9,9 +9,10 @@ checked the same way.
     python benchmarks/tracking_overhead.py --modes tracked,sync,null  # also: MLflow on the training thread
     python benchmarks/tracking_overhead.py --threads 1 --repeats 2    # a core spare: exports in the helper
 
-Prints each wall time (the process's, as a user sees `mnist-tune study`), the ratio
-tracked / no-op, and the checks. With --repeats N the order alternates (ratios of the sums and
-of the medians). Each study's temporary store is removed once checked.
+Prints each wall time (the process's, as a user sees `mnist-tune study`), where it went
+(before the first trial, in trials, after the last), the ratio tracked / no-op, and the
+checks. With --repeats N the order alternates (ratios of the sums and of the medians). Each
+study's temporary store is removed once checked.
 """
 
 from __future__ import annotations
@@ -67,15 +68,30 @@ def start(mode: str, home: str, args) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def timed(mode: str, args) -> tuple[float, str]:
+def timed(mode: str, args) -> tuple[float, str, str, str]:
+    """Wall time, store folder, output and phases of one study in a fresh process."""
     home = tempfile.mkdtemp(prefix=f"tracking-{mode}-")
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     proc = start(mode, home, args)
     out = proc.communicate()[0]
     wall = time.perf_counter() - started
     if proc.returncode:
         sys.exit(f"{mode} study failed ({proc.returncode}):\n{out}")
-    return wall, home, out
+    return wall, home, out, phases(home, args.study_name, started_at, started_at + wall)
+
+
+def phases(home: str, study_name: str, started_at: float, ended_at: float) -> str:
+    """Where the wall time went, from Optuna's trial timestamps: before the first trial (imports,
+    data, stores), inside trials, and after the last one (the end of the study: plots, report)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials = optuna.load_study(study_name=study_name, storage=f"sqlite:///{home}/optuna.db").trials
+    first = min(t.datetime_start.timestamp() for t in trials)
+    last = max(t.datetime_complete.timestamp() for t in trials)
+    inside = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    return (f"before the first trial {first - started_at:.1f} s, in trials {inside:.1f} s, "
+            f"after the last {ended_at - last:.1f} s")
 
 
 def check_nothing_lost(home: str, study_name: str, stopped: bool = False) -> list[str]:
@@ -164,10 +180,11 @@ def main() -> None:
     walls = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         for mode in modes if repeat % 2 == 0 else modes[::-1]:
-            wall, home, out = timed(mode, args)
+            wall, home, out, where = timed(mode, args)
             walls[mode].append(wall)
             summary = [line for line in out.splitlines() if line.startswith(("study ", "tracking"))]
             print(f"{mode:8s} {wall:7.1f} s   " + " | ".join(summary), flush=True)
+            print(f"         {where}")
             if mode != "null":
                 problems = check_nothing_lost(home, args.study_name)
                 print("         check: " + ("nothing lost" if not problems else "LOST: " + "; ".join(problems)))
