@@ -249,7 +249,8 @@ class Worker:
             trials_bar.set_postfix(best=f"{best.value:.4f}")
         # The parent's plots follow the study where the helper process draws them (which also
         # pays their imports before the end); on the training thread they would cost ~2.5 s each.
-        if self.settings.plots and self.tracker.background.helper and self.trials_run % PLOTS_EVERY == 0:
+        if self.settings.plots and self.tracker.background.helper and self.trials_run % PLOTS_EVERY == 0 \
+                and count_budget(self.study.get_trials(deepcopy=False)).used < self.settings.trials:  # else: finish
             self._log_plots()
 
     # ---- the end --------------------------------------------------------------------------
