@@ -274,6 +274,32 @@ def test_read_commands_reject_unknown_names(synthetic_env, tmp_path, tiny_sweep)
     assert "trial-0" in proc.stderr  # lists the runs that exist
 
 
+def run_worker(tmp_path, sweep: str, trials: int, helper: bool, log=None, after_open=None):
+    """A study worker in this process (as `mnist-tune study` runs it), on the synthetic data
+    and the embedded stores; ``after_open(tracker)`` runs once the stores are open."""
+    import torch
+
+    from mnist_tune.config import sweep_for
+    from mnist_tune.data import load_mnist
+    from mnist_tune.tracking import Tracker
+    from mnist_tune.worker import Worker, WorkerSettings
+
+    (tmp_path / "sweep.yaml").write_text(sweep)
+    tracker = Tracker(None)
+    tracker.background.start(helper=helper)
+    worker = Worker(sweep_for(None, str(tmp_path / "sweep.yaml")),
+                    WorkerSettings(trials=trials, storage=optuna_storage(tmp_path), plots=False), tracker,
+                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"), log)
+    try:
+        worker.open()
+        if after_open:
+            after_open(tracker)
+        worker.run()
+        worker.finish()
+    finally:
+        tracker.background.close()
+
+
 OVERLAP = """
 name: overlap
 model: mlp
@@ -290,28 +316,11 @@ def test_model_uploads_overlap_the_next_trial_and_nothing_is_lost(synthetic_env,
     before the model upload are made; the upload, and the run's end behind it, go on while the
     next trial trains. Still every run ends FINISHED with its model, and the champion is the
     best trial's."""
-    import torch
     from mlflow.entities import LoggedModelStatus
 
     from mnist_tune import record
-    from mnist_tune.config import sweep_for
-    from mnist_tune.data import load_mnist
-    from mnist_tune.tracking import Tracker
-    from mnist_tune.worker import Worker, WorkerSettings
 
-    (tmp_path / "overlap.yaml").write_text(OVERLAP)
-    tracker = Tracker(None)
-    tracker.background.start(helper=True)
-    worker = Worker(sweep_for(None, str(tmp_path / "overlap.yaml")),
-                    WorkerSettings(trials=3, storage=optuna_storage(tmp_path), plots=False), tracker,
-                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"))
-    try:
-        worker.open()
-        worker.run()
-        worker.finish()
-    finally:
-        tracker.background.close()
-
+    run_worker(tmp_path, OVERLAP, trials=3, helper=True)
     study, client, parent, by_trial = check_study_matches_mlflow(optuna_storage(tmp_path), embedded_tracking(tmp_path),
                                                                  "overlap", expect_trials=3)
     first, second, _ = study.trials
@@ -342,36 +351,20 @@ def test_a_failed_model_upload_fails_the_run_and_never_crowns_the_trial(syntheti
     """The upload that overlaps the next trial fails (here: the store gives the trial's logged
     model an artifact location nothing can write to): the trial keeps its value, its run ends
     FAILED with the reason, and it is never the champion, not even as the best trial at the end."""
-    import torch
     from sqlalchemy import event
 
-    from mnist_tune.config import sweep_for
-    from mnist_tune.data import load_mnist
-    from mnist_tune.tracking import Tracker
-    from mnist_tune.worker import Worker, WorkerSettings
+    inserted, lines = [], []
 
-    (tmp_path / "overlap.yaml").write_text(BEST_IS_SECOND)
-    tracker, lines = Tracker(None), []
-    tracker.background.start(helper=True)
-    worker = Worker(sweep_for(None, str(tmp_path / "overlap.yaml")),
-                    WorkerSettings(trials=3, storage=optuna_storage(tmp_path), plots=False), tracker,
-                    load_mnist(tmp_path / "data", val_size=200), torch.device("cpu"), log=lines.append)
-    try:
-        worker.open()
-        inserted = []
-
+    def misplace_the_second_model(tracker):
         @event.listens_for(tracker.client._tracking_client.store.engine, "after_cursor_execute")
-        def misplace_the_second_model(conn, cursor, statement, *args):
+        def misplace(conn, cursor, statement, *args):
             if statement.startswith("INSERT INTO logged_models"):
                 inserted.append(cursor.lastrowid)
                 if len(inserted) == 2:  # trial 1's, before the helper uploads into it
                     cursor.execute("UPDATE logged_models SET artifact_location = 'nowhere://x' WHERE rowid = ?",
                                    (cursor.lastrowid,))
 
-        worker.run()
-        worker.finish()
-    finally:
-        tracker.background.close()
+    run_worker(tmp_path, BEST_IS_SECOND, trials=3, helper=True, log=lines.append, after_open=misplace_the_second_model)
 
     study = optuna.load_study(study_name="overlap", storage=optuna_storage(tmp_path))
     client = MlflowClient(embedded_tracking(tmp_path))
