@@ -212,8 +212,13 @@ class Helper:
         self.scratch = tempfile.mkdtemp(prefix="mnist-tune-helper-")
         self.process = context.Process(target=_serve, args=(child, tracking_uri, self.scratch),
                                        name="mnist-tune-tracking", daemon=True)
-        self.process.start()
-        child.close()
+        try:
+            self.process.start()
+        except BaseException:  # no child to remove it
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
+        finally:
+            child.close()
 
     def call(self, fn: Callable, *args):
         with self._lock:

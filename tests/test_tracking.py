@@ -285,3 +285,19 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_helper_that_cannot_start_leaves_no_folder(tmp_path, monkeypatch):
+    import multiprocessing.context
+    import tempfile
+
+    from mnist_tune.background import Helper
+
+    def refuse(self):
+        raise OSError("refused by the test")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+    with pytest.raises(OSError, match="refused by the test"):
+        Helper("sqlite:///unused.db")
+    assert list(tmp_path.iterdir()) == []
