@@ -35,15 +35,14 @@ from mnist_tune.train import TrainConfig, fit, seed_everything  # noqa: E402
 LOADS = {
     "python": "while True: pass",
     "export": """
-import tempfile, torch
+import torch
 from mnist_tune.models import build_model
 torch.set_num_threads(1)
 example = (torch.rand(2, 1, 28, 28),)
-with tempfile.TemporaryDirectory() as folder:
-    while True:
-        program = torch.export.export(build_model("mlp", dropout=0.2).eval(), example,
-                                      dynamic_shapes=({0: torch.export.Dim.AUTO},))
-        torch.export.save(program, folder + "/m.pt2")
+while True:  # killed, so it saves into its working folder, which the parent removes
+    program = torch.export.export(build_model("mlp", dropout=0.2).eval(), example,
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(program, "m.pt2")
 """,
 }
 
